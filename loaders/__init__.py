@@ -1,0 +1,38 @@
+"""Loader backends, one file each: files on disk -> ``(views, labels)`` on the training device.
+
+    loader = build_loader("torchvision", data_cfg, LoaderRequest(split="train", batch_size=256,
+                          augment="contrastive", num_views=2, device=device))
+    for views, labels in loader: ...
+"""
+from __future__ import annotations
+
+import importlib
+
+from loaders.spec import DataConfig, Loader, LoaderError, LoaderRequest
+
+# name -> module with a ``build(cfg, req) -> Loader``; imported on use, so optional backends
+# (ffcv, dali) cost nothing when they are not installed.
+BACKENDS = {
+    "torchvision": "loaders.torchvision_loader",
+    "ffcv": "loaders.ffcv_loader",
+    "dali": "loaders.dali_loader",
+    "synthetic": "loaders.synthetic",
+}
+
+
+def build_loader(backend: str, cfg: DataConfig, req: LoaderRequest) -> Loader:
+    if backend not in BACKENDS:
+        raise LoaderError(f"loader={backend!r}: unknown backend (choose from {', '.join(BACKENDS)})")
+    try:
+        module = importlib.import_module(BACKENDS[backend])
+    except ImportError as exc:  # the optional dependency itself is missing
+        raise LoaderError(f"loader={backend}: {exc} (install it with: pip install -e '.[{backend}]')") from exc
+    return module.build(cfg, req)
+
+
+def shard(num_items: int, rank: int, world_size: int) -> range:
+    """The items one process evaluates: every item exactly once across processes, no padding."""
+    return range(rank, num_items, world_size)
+
+
+__all__ = ["BACKENDS", "DataConfig", "Loader", "LoaderError", "LoaderRequest", "build_loader", "shard"]

@@ -1,0 +1,148 @@
+"""What a loader is asked for, and what every backend gives back (DESIGN.md, `loaders/`).
+
+A backend yields ``(views, labels)``: ``views`` is a tuple of ``num_views`` image tensors
+``[B, 3, H, W]`` already on the training device, normalised, channels_last when asked;
+``labels`` is ``[B]`` int64 on the same device. A backend is told how many views to make and
+which augmentation to apply; it never knows which method runs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Literal, Optional, Protocol
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+Augment = Literal["contrastive", "basic", "center"]
+
+
+class LoaderError(Exception):
+    """A user-facing data problem (missing path, unusable file, missing backend): one clear line."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class FFCVOptions(_Strict):
+    order: Literal["random", "quasi_random"] = "quasi_random"
+    os_cache: bool = True
+
+
+class ProgressiveResizing(_Strict):
+    """ffcv-imagenet's resolution ramp: min_size until start_epoch, linear to max_size at end_epoch."""
+
+    min_size: int = Field(160, gt=0)
+    max_size: int = Field(192, gt=0)
+    start_epoch: int = Field(0, ge=0)
+    end_epoch: int = Field(1, ge=0)
+    step: int = Field(32, gt=0)
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if self.min_size > self.max_size:
+            raise ValueError(f"min_size={self.min_size} is larger than max_size={self.max_size}")
+        if self.start_epoch > self.end_epoch:
+            raise ValueError(f"start_epoch={self.start_epoch} is after end_epoch={self.end_epoch}")
+        return self
+
+    def size_at(self, epoch: int) -> int:
+        if epoch <= self.start_epoch:
+            return self.min_size
+        if epoch >= self.end_epoch:
+            return self.max_size
+        frac = (epoch - self.start_epoch) / max(1, self.end_epoch - self.start_epoch)
+        size = self.min_size + frac * (self.max_size - self.min_size)
+        return int(round(size / self.step)) * self.step
+
+
+class DataConfig(_Strict):
+    """The `data:` section of a recipe."""
+
+    train: Optional[Path] = None  # ImageFolder directory (torchvision, dali) or .beton file (ffcv)
+    val: Optional[Path] = None
+    image_size: int = Field(224, gt=0)
+    val_resize_ratio: float = Field(0.875, gt=0, le=1)  # validation: resize shorter side to size/ratio
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    augment: Literal["contrastive", "basic"] = "contrastive"
+    num_workers: int = Field(4, ge=0)
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    output_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    num_classes: Optional[int] = Field(None, gt=0)  # synthetic data only; real data counts its folders
+    synthetic_samples: int = Field(4096, gt=0)
+    ffcv: FFCVOptions = FFCVOptions()
+    progressive: Optional[ProgressiveResizing] = None
+
+    @model_validator(mode="after")
+    def _ranges(self):
+        lo, hi = self.crop_scale
+        if not 0 < lo <= hi <= 1:
+            raise ValueError(f"crop_scale={list(self.crop_scale)} must satisfy 0 < min <= max <= 1")
+        if not 0 < self.crop_ratio[0] <= self.crop_ratio[1]:
+            raise ValueError(f"crop_ratio={list(self.crop_ratio)} must satisfy 0 < min <= max")
+        return self
+
+
+@dataclass(frozen=True)
+class LoaderRequest:
+    """Everything about one loader that is not in the recipe's data section."""
+
+    split: Literal["train", "val"]
+    batch_size: int  # per process
+    augment: Augment
+    num_views: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    rank: int = 0
+    world_size: int = 1
+    seed: int = 0
+    channels_last: bool = False
+
+    def __post_init__(self):
+        if self.num_views not in (1, 2):
+            raise ValueError(f"num_views={self.num_views}: a loader makes 1 or 2 views")
+        if self.batch_size <= 0:
+            raise ValueError(f"batch_size={self.batch_size} must be positive")
+
+    @property
+    def training(self) -> bool:
+        return self.split == "train"
+
+
+class Loader(Protocol):
+    num_samples: int  # samples this process yields per epoch
+    num_classes: int
+    skipped: set[str]  # files that could not be decoded (skipped, with a warning)
+
+    def __len__(self) -> int: ...
+
+    def set_epoch(self, epoch: int) -> None: ...
+
+    def __iter__(self) -> Iterator[tuple[tuple[torch.Tensor, ...], torch.Tensor]]: ...
+
+
+def output_dtype(cfg: DataConfig) -> torch.dtype:
+    return getattr(torch, cfg.output_dtype)
+
+
+def require_path(path: Optional[Path], key: str, *, kind: str = "dir") -> Path:
+    """The path a recipe key names, or a LoaderError naming the key and the path."""
+    if path is None:
+        raise LoaderError(f"{key}: no path given")
+    path = Path(path).expanduser()
+    if kind == "dir" and not path.is_dir():
+        raise LoaderError(f"{key}: no such directory: {path}")
+    if kind == "file" and not path.is_file():
+        raise LoaderError(f"{key}: no such file: {path}")
+    return path
+
+
+def to_device(x: torch.Tensor, req: LoaderRequest, dtype: torch.dtype) -> torch.Tensor:
+    """Move a batch of images to the training device in the requested dtype and layout."""
+    fmt = torch.channels_last if req.channels_last else torch.contiguous_format
+    return x.to(req.device, dtype=dtype, non_blocking=True, memory_format=fmt)

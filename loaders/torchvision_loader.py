@@ -1,0 +1,112 @@
+"""The reference backend: torchvision's ImageFolder, PIL decoding and transforms on CPU workers."""
+from __future__ import annotations
+
+import logging
+from typing import Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torchvision import datasets, transforms as T
+
+from loaders import shard
+from loaders.spec import DataConfig, LoaderError, LoaderRequest, output_dtype, require_path, to_device
+
+log = logging.getLogger(__name__)
+
+
+def build_transform(cfg: DataConfig, augment: str) -> T.Compose:
+    """The official SupCon/SelfCon augmentations (contrastive), plain crop+flip (basic), or center crop."""
+    size = cfg.image_size
+    tail = [T.ToTensor(), T.Normalize(cfg.mean, cfg.std)]
+    if augment == "center":
+        return T.Compose([T.Resize(int(round(size / cfg.val_resize_ratio))), T.CenterCrop(size), *tail])
+    crop = [T.RandomResizedCrop(size, scale=cfg.crop_scale, ratio=cfg.crop_ratio), T.RandomHorizontalFlip()]
+    if augment == "basic":
+        return T.Compose([*crop, *tail])
+    color = [T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8), T.RandomGrayscale(p=0.2)]
+    return T.Compose([*crop, *color, *tail])
+
+
+class TolerantImageFolder(Dataset):
+    """ImageFolder whose unreadable files are replaced by the next readable one and reported.
+
+    Replacing (rather than dropping) keeps every batch the same size, which the cross-process
+    gather of the contrastive loss needs. Each item carries the paths it had to skip.
+    """
+
+    def __init__(self, root, transform, num_views: int):
+        self.folder = datasets.ImageFolder(root)
+        self.transform = transform
+        self.num_views = num_views
+
+    def __len__(self):
+        return len(self.folder.samples)
+
+    def __getitem__(self, index):
+        skipped = []
+        for attempt in range(len(self)):
+            path, label = self.folder.samples[(index + attempt) % len(self)]
+            try:
+                image = self.folder.loader(path)
+            except Exception as exc:  # PIL raises many types for a broken file
+                skipped.append(f"{path} ({type(exc).__name__}: {exc})")
+                continue
+            views = tuple(self.transform(image) for _ in range(self.num_views))
+            return views, label, skipped
+        raise LoaderError(f"{self.folder.root}: no readable image at all")
+
+
+def _collate(batch):
+    views, labels, skipped = zip(*batch)
+    stacked = tuple(torch.stack(v) for v in zip(*views))
+    return stacked, torch.tensor(labels, dtype=torch.long), [s for item in skipped for s in item]
+
+
+class TorchvisionLoader:
+    def __init__(self, cfg: DataConfig, req: LoaderRequest):
+        key = f"data.{req.split}"
+        root = require_path(getattr(cfg, req.split), key)
+        try:
+            dataset = TolerantImageFolder(root, build_transform(cfg, req.augment), req.num_views)
+        except (FileNotFoundError, RuntimeError) as exc:  # ImageFolder: no class folders / no images
+            raise LoaderError(f"{key}: {exc}") from exc
+        self.req, self.dtype = req, output_dtype(cfg)
+        self.num_classes = len(dataset.folder.classes)
+        self.classes = dataset.folder.classes
+        self.skipped: set[str] = set()
+        if req.training:
+            self.sampler = DistributedSampler(dataset, num_replicas=req.world_size, rank=req.rank,
+                                              shuffle=True, seed=req.seed, drop_last=True)
+            source, sampler = dataset, self.sampler
+        else:
+            self.sampler = None
+            source, sampler = Subset(dataset, shard(len(dataset), req.rank, req.world_size)), None
+        if req.training and len(self.sampler) < req.batch_size:
+            raise LoaderError(f"{key}: {len(self.sampler)} images per process, fewer than one batch "
+                              f"of {req.batch_size}")
+        self.loader = DataLoader(
+            source, batch_size=req.batch_size, sampler=sampler, shuffle=False, drop_last=req.training,
+            num_workers=cfg.num_workers, collate_fn=_collate, pin_memory=req.device.type == "cuda",
+            persistent_workers=cfg.num_workers > 0, prefetch_factor=4 if cfg.num_workers > 0 else None)
+        self.num_samples = len(self.loader) * req.batch_size if req.training else len(source)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def set_epoch(self, epoch: int) -> None:
+        if self.sampler is not None:
+            self.sampler.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator:
+        for views, labels, skipped in self.loader:
+            for entry in skipped:
+                path = entry.split(" (", 1)[0]
+                if path not in self.skipped:
+                    self.skipped.add(path)
+                    log.warning("skipping unreadable image %s", entry)
+            yield (tuple(to_device(v, self.req, self.dtype) for v in views),
+                   labels.to(self.req.device, non_blocking=True))
+
+
+def build(cfg: DataConfig, req: LoaderRequest) -> TorchvisionLoader:
+    return TorchvisionLoader(cfg, req)

@@ -1,0 +1,27 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="fasttrain",
+    version="0.1.0",
+    description="High-throughput ImageNet trainer for supervised contrastive learning with multi-exit encoders",
+    packages=find_packages(include=["fasttrain", "fasttrain.*", "loaders", "loaders.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch==2.14.1",
+        "torchvision==0.29.1",
+        "accelerate>=1.0",
+        "timm>=1.0",
+        "pydantic>=2.5",
+        "pyyaml",
+        "tqdm",
+        "tensorboard",
+        "matplotlib",
+        "numpy",
+        "pillow",
+    ],
+    extras_require={
+        "ffcv": ["ffcv==1.0.2", "numba", "opencv-python-headless"],
+        "dali": ["nvidia-dali-cuda120"],
+        "dev": ["pytest>=8"],
+    },
+)
