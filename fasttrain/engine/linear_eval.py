@@ -1,0 +1,139 @@
+"""Linear evaluation (paper Section 5.1, Table 3): a frozen encoder in eval mode, a linear
+classifier on the backbone feature and one on each sub-network feature, and their ensemble
+(mean of logits); top-1/top-5 of each on the validation split, every sample counted once."""
+from __future__ import annotations
+
+import math
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from torch import nn
+from tqdm.auto import tqdm
+
+from fasttrain.engine.optim import set_lr
+from fasttrain.models import MultiExitResNet
+from fasttrain.recipe import Recipe
+from loaders import LoaderRequest, build_loader
+
+
+class ExitClassifiers(nn.Module):
+    """One linear classifier per exit (sub-networks first, backbone last)."""
+
+    def __init__(self, num_exits: int, dim: int, num_classes: int):
+        super().__init__()
+        self.heads = nn.ModuleList(nn.Linear(dim, num_classes) for _ in range(num_exits))
+
+    def forward(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [head(f) for head, f in zip(self.heads, features)]
+
+
+def _batch(recipe: Recipe, accelerator: Accelerator) -> int:
+    return max(1, recipe.linear_eval.batch_size // accelerator.num_processes)
+
+
+def _loader(recipe: Recipe, accelerator: Accelerator, split: str, augment: str):
+    batch = _batch(recipe, accelerator)
+    return build_loader(recipe.loader, recipe.data, LoaderRequest(
+        split=split, batch_size=batch, augment=augment, num_views=1, device=accelerator.device,
+        rank=accelerator.process_index, world_size=accelerator.num_processes, seed=recipe.train.seed + 1,
+        channels_last=recipe.train.channels_last))
+
+
+@torch.no_grad()
+def _encode(encoder: MultiExitResNet, accelerator: Accelerator, image: torch.Tensor) -> list[torch.Tensor]:
+    with accelerator.autocast():
+        return [f.float() for f in encoder(image, project=False).features]
+
+
+def _topk_correct(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+    hit = top == labels[:, None]
+    return torch.stack([hit[:, 0].sum(), hit.any(dim=1).sum()]).float()
+
+
+@torch.no_grad()
+def evaluate(logit_fn, loader, accelerator: Accelerator, names: list[str]) -> dict:
+    """Top-1/top-5 (%) of each named set of logits; counts are summed over processes, and each
+    process sees its own shard without padding, so every sample counts exactly once."""
+    correct = torch.zeros(len(names), 2, device=accelerator.device)
+    seen = torch.zeros((), device=accelerator.device)
+    for views, labels in loader:
+        for i, logits in enumerate(logit_fn(views[0])):
+            correct[i] += _topk_correct(logits, labels)
+        seen += labels.numel()
+    correct, seen = accelerator.reduce(correct, reduction="sum"), accelerator.reduce(seen, reduction="sum")
+    acc = (100 * correct / seen.clamp(min=1)).tolist()
+    result = {name: {"top1": a[0], "top5": a[1]} for name, a in zip(names, acc)}
+    return {"backbone": result["backbone"], "subnetwork": result.get("subnetwork"),
+            "ensemble": result.get("ensemble"), "samples": int(seen)}
+
+
+def classifier_eval(recipe: Recipe, accelerator: Accelerator, model: MultiExitResNet) -> dict:
+    """For `ce`: the trained classifier's own accuracy, reported as the backbone's."""
+    model.eval()
+
+    def logits(image):
+        with accelerator.autocast():
+            return [model(image, project=False).logits.float()]
+
+    return evaluate(logits, _loader(recipe, accelerator, "val", "center"), accelerator, ["backbone"])
+
+
+def linear_eval(recipe: Recipe, accelerator: Accelerator, encoder: MultiExitResNet, num_classes: int) -> dict:
+    cfg = recipe.linear_eval
+    encoder.eval().requires_grad_(False)
+    train = _loader(recipe, accelerator, "train", "center" if cfg.cache_features else "basic")
+    classifiers = ExitClassifiers(encoder.num_exits, encoder.feature_dim, num_classes).to(accelerator.device)
+    optimizer = torch.optim.SGD(classifiers.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                weight_decay=cfg.weight_decay)
+    for group in optimizer.param_groups:
+        group["base_lr"] = cfg.lr
+    classifiers, optimizer = accelerator.prepare(classifiers, optimizer)
+
+    cache = _cache(train, encoder, accelerator) if cfg.cache_features else None
+    per_epoch = len(train)
+    total, update = cfg.epochs * per_epoch, 0
+    for epoch in range(cfg.epochs):
+        train.set_epoch(epoch)
+        batches = _reshuffled(cache, _batch(recipe, accelerator), epoch) if cache else (
+            (_encode(encoder, accelerator, views[0]), labels) for views, labels in train)
+        bar = tqdm(batches, total=per_epoch, desc=f"linear eval {epoch + 1}/{cfg.epochs}",
+                   disable=not accelerator.is_main_process, dynamic_ncols=True)
+        for features, labels in bar:
+            set_lr(optimizer, 0.5 * (1 + math.cos(math.pi * update / total)))
+            loss = sum(F.cross_entropy(logits, labels) for logits in classifiers(features))
+            optimizer.zero_grad(set_to_none=True)
+            accelerator.backward(loss)
+            optimizer.step()
+            update += 1
+            if update % 10 == 0:
+                bar.set_postfix(loss=f"{loss.item() / encoder.num_exits:.3f}")
+
+    classifiers.eval()
+    with_subnet = encoder.num_exits > 1
+
+    def logits(image):
+        per_exit = classifiers(_encode(encoder, accelerator, image))
+        return [per_exit[-1], per_exit[0], torch.stack(per_exit).mean(0)] if with_subnet else [per_exit[-1]]
+
+    names = ["backbone", "subnetwork", "ensemble"] if with_subnet else ["backbone"]
+    return evaluate(logits, _loader(recipe, accelerator, "val", "center"), accelerator, names)
+
+
+def _cache(loader, encoder, accelerator):
+    """Encode the train split once: per-exit features [N, D] and labels [N] of this process."""
+    features, labels = [], []
+    for views, y in tqdm(loader, desc="encoding train split", disable=not accelerator.is_main_process):
+        features.append(_encode(encoder, accelerator, views[0]))
+        labels.append(y)
+    return [torch.cat(f) for f in zip(*features)], torch.cat(labels)
+
+
+def _reshuffled(cache, batch: int, epoch: int) -> Iterator:
+    features, labels = cache
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(epoch)).to(labels.device)
+    for start in range(0, len(order) - batch + 1, batch):
+        index = order[start:start + batch]
+        yield [f[index] for f in features], labels[index]

@@ -1,0 +1,92 @@
+"""Measuring and recording: peak memory, throughput, metrics files (JSONL + CSV) beside TensorBoard."""
+from __future__ import annotations
+
+import csv
+import json
+import resource
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+
+class PeakMemory:
+    """Peak memory of a phase: CUDA's max_memory_allocated on GPU; on CPU the peak resident set
+    above the resident set at ``reset()`` (Linux resets VmHWM through /proc/self/clear_refs)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.kind = "cuda_max_memory_allocated" if device.type == "cuda" else "cpu_peak_rss_above_baseline"
+        self.baseline = 0
+
+    def reset(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.baseline = 0
+            return
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            self.kind = "cpu_peak_rss_since_start"  # peak cannot be reset here: the process's peak
+        self.baseline = _status_kib("VmRSS") * 1024
+
+    def peak_bytes(self) -> int:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            return torch.cuda.max_memory_allocated(self.device)
+        peak = _status_kib("VmHWM") * 1024 or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return max(0, peak - self.baseline)
+
+
+def _status_kib(field: str) -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+class Throughput:
+    """Images per second after the first ``skip`` steps (compilation, warm caches)."""
+
+    def __init__(self, skip: int = 2):
+        self.skip, self.steps, self.images, self.start = skip, 0, 0, None
+
+    def update(self, images: int) -> None:
+        self.steps += 1
+        if self.steps == self.skip:
+            self.start = time.perf_counter()
+        elif self.steps > self.skip:
+            self.images += images
+
+    @property
+    def images_per_second(self) -> Optional[float]:
+        if self.start is None or not self.images:
+            return None
+        return self.images / (time.perf_counter() - self.start)
+
+
+class MetricsFile:
+    """Appends one row per record to ``metrics.jsonl`` and ``metrics.csv`` (main process only)."""
+
+    def __init__(self, run_dir: Path, enabled: bool):
+        self.enabled = enabled
+        self.jsonl, self.csv = Path(run_dir) / "metrics.jsonl", Path(run_dir) / "metrics.csv"
+
+    def write(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        with self.jsonl.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        new = not self.csv.exists()
+        with self.csv.open("a", newline="") as f:
+            writer = csv.writer(f)
+            if new:
+                writer.writerow(["kind", "epoch", "step", "key", "value"])
+            for key, value in row.items():
+                if key not in ("kind", "epoch", "step"):
+                    writer.writerow([row.get("kind"), row.get("epoch"), row.get("step"), key, value])

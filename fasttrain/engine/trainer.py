@@ -1,0 +1,212 @@
+"""The training engine: Accelerate (devices, processes, precision, compile), the step, the epochs,
+checkpoints and logging. Every method, loader and benchmark goes through this one step."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from fasttrain.engine import checkpoint
+from fasttrain.engine.metrics import MetricsFile, PeakMemory, Throughput
+from fasttrain.engine.optim import build_optimizer, lr_factor, set_lr
+from fasttrain.methods import Method, Objective, get_method
+from fasttrain.models import MultiExitResNet, build_encoder
+from fasttrain.recipe import Recipe, RecipeError, dump_recipe
+from loaders import Loader, LoaderRequest, build_loader
+
+log = logging.getLogger("fasttrain")
+PRECISION = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}
+
+
+def make_accelerator(recipe: Recipe, *, log_with=("tensorboard",)) -> Accelerator:
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path.home() / ".cache" / "fasttrain" / "inductor"))
+    accelerator = Accelerator(mixed_precision=PRECISION[recipe.train.precision],
+                              gradient_accumulation_steps=recipe.train.grad_accum_steps,
+                              dynamo_backend="inductor" if recipe.train.compile else "no",
+                              log_with=list(log_with) or None, project_dir=str(recipe.run.dir))
+    expected = int(os.environ.get("WORLD_SIZE", "1"))
+    if expected > 1 and accelerator.num_processes != expected:
+        raise RecipeError(
+            f"WORLD_SIZE={expected} but this process is alone in its group (num_processes="
+            f"{accelerator.num_processes}): the launch did not form one process group. On a machine "
+            f"without GPUs use `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N`")
+    if recipe.train.precision == "fp16" and accelerator.device.type != "cuda":
+        raise RecipeError("train.precision=fp16: needs a GPU (use bf16 or fp32 on CPU)")
+    return accelerator
+
+
+def per_process_batch(recipe: Recipe, accelerator: Accelerator) -> int:
+    parts = accelerator.num_processes * recipe.train.grad_accum_steps
+    if recipe.train.batch_size % parts:
+        raise RecipeError(f"train.batch_size={recipe.train.batch_size} is not divisible by processes x "
+                          f"grad_accum_steps = {parts}")
+    return recipe.train.batch_size // parts
+
+
+def build_model(recipe: Recipe, method: Method, num_classes: int) -> MultiExitResNet:
+    m = recipe.model
+    return build_encoder(m.arch, stem=m.stem, exits=m.exits if method.uses_subnetwork else (),
+                         exit_kind=m.exit_kind, proj_dim=m.proj_dim, zero_init_residual=m.zero_init_residual,
+                         num_classes=num_classes if not method.contrastive else None)
+
+
+def build_objective(recipe: Recipe, method: Method) -> Objective:
+    return Objective(method, temperature=recipe.loss.temperature, base_temperature=recipe.loss.base_temperature,
+                     label_smoothing=recipe.loss.label_smoothing, alpha=recipe.loss.alpha)
+
+
+class TrainStep:
+    """One micro-step of training: forward (the method's batch builder), loss, backward, and on
+    the last micro-step of an accumulation, the lr update and optimizer step."""
+
+    def __init__(self, accelerator: Accelerator, model, objective: Objective, optimizer, total_updates: int,
+                 warmup_updates: int, final_lr_ratio: float, updates: int = 0):
+        self.accelerator, self.model, self.objective, self.optimizer = accelerator, model, objective, optimizer
+        self.total_updates, self.warmup_updates, self.final_lr_ratio = total_updates, warmup_updates, final_lr_ratio
+        self.updates = updates  # optimizer updates done; the lr is derived from it
+        self.lr = set_lr(optimizer, lr_factor(updates, total_updates, warmup_updates, final_lr_ratio))
+
+    def __call__(self, views, labels):
+        with self.accelerator.accumulate(self.model):
+            loss, logs = self.objective(self.model, views, labels)
+            self.accelerator.backward(loss)
+            if self.accelerator.sync_gradients:
+                self.lr = set_lr(self.optimizer, lr_factor(self.updates, self.total_updates, self.warmup_updates,
+                                                           self.final_lr_ratio))
+                self.updates += 1
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach(), logs
+
+
+@dataclass
+class TrainResult:
+    model: torch.nn.Module
+    method: Method
+    num_classes: int
+    epochs: int
+    updates: int
+    images_per_second: Optional[float]
+    peak_memory_bytes: int
+    peak_memory_kind: str
+    skipped_images: int
+
+
+def train(recipe: Recipe, accelerator: Accelerator) -> TrainResult:
+    method = get_method(recipe.method)
+    set_seed(recipe.train.seed, device_specific=True)
+    run_dir = Path(recipe.run.dir)
+    main = accelerator.is_main_process
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "recipe.yaml").write_text(dump_recipe(recipe))
+    batch = per_process_batch(recipe, accelerator)
+    loader = build_loader(recipe.loader, recipe.data, LoaderRequest(
+        split="train", batch_size=batch, augment=recipe.data.augment, num_views=method.num_views,
+        device=accelerator.device, rank=accelerator.process_index, world_size=accelerator.num_processes,
+        seed=recipe.train.seed, channels_last=recipe.train.channels_last))
+
+    model = build_model(recipe, method, loader.num_classes)
+    if recipe.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if recipe.model.sync_bn and accelerator.num_processes > 1:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    optimizer = build_optimizer(model, recipe.optim)
+
+    micro_steps = min(len(loader), recipe.train.max_steps_per_epoch or len(loader))
+    updates_per_epoch = micro_steps // recipe.train.grad_accum_steps
+    if updates_per_epoch == 0:
+        raise RecipeError(f"train.grad_accum_steps={recipe.train.grad_accum_steps}: more than the "
+                          f"{micro_steps} steps of an epoch")
+    micro_steps = updates_per_epoch * recipe.train.grad_accum_steps
+    start_epoch, updates = _resume(recipe, model, optimizer, accelerator)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    step = TrainStep(accelerator, model, build_objective(recipe, method), optimizer,
+                     total_updates=updates_per_epoch * recipe.schedule.epochs,
+                     warmup_updates=round(recipe.schedule.warmup_epochs * updates_per_epoch),
+                     final_lr_ratio=recipe.schedule.final_lr_ratio, updates=updates)
+
+    accelerator.init_trackers("fasttrain")
+    metrics = MetricsFile(run_dir, main)
+    speed, memory = Throughput(), PeakMemory(accelerator.device)
+    memory.reset()
+    images_per_step = batch * accelerator.num_processes
+    for epoch in range(start_epoch, recipe.schedule.epochs):
+        model.train()
+        loader.set_epoch(epoch)
+        bar = tqdm(total=micro_steps, desc=f"epoch {epoch + 1}/{recipe.schedule.epochs}", disable=not main,
+                   dynamic_ncols=True, leave=True)
+        for index, (views, labels) in enumerate(loader):
+            if index == micro_steps:
+                break
+            loss, logs = step(views, labels)
+            speed.update(images_per_step)
+            bar.update(1)
+            if (index + 1) % recipe.train.log_every == 0 or index + 1 == micro_steps:
+                row = _log_row(accelerator, logs, step, speed)
+                bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{step.lr:.3g}",
+                                img_s=f"{row.get('images_per_second') or 0:.0f}")
+                accelerator.log(row, step=step.updates)
+                metrics.write({"kind": "train", "epoch": epoch + 1, "step": step.updates, **row})
+        bar.close()
+        if epoch + 1 == recipe.schedule.epochs or (epoch + 1) % recipe.run.checkpoint_every == 0:
+            _save(recipe, accelerator, model, optimizer, epoch + 1, step.updates)
+    accelerator.wait_for_everyone()
+    return TrainResult(accelerator.unwrap_model(model), method, loader.num_classes, recipe.schedule.epochs,
+                       step.updates, speed.images_per_second, memory.peak_bytes(), memory.kind,
+                       len(loader.skipped))
+
+
+def _log_row(accelerator, logs: dict, step: TrainStep, speed: Throughput) -> dict:
+    keys = sorted(logs)
+    values = accelerator.reduce(torch.stack([logs[k].float() for k in keys]), reduction="mean")
+    row = {k: float(v) for k, v in zip(keys, values.tolist())}
+    row.setdefault("loss", row.get("loss/ce", 0.0))
+    row.update(lr=step.lr, images_per_second=speed.images_per_second)
+    return row
+
+
+def _save(recipe: Recipe, accelerator: Accelerator, model, optimizer, epoch: int, updates: int) -> None:
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        state = {"model": accelerator.unwrap_model(model).state_dict(), "optimizer": optimizer.state_dict(),
+                 "epoch": epoch, "updates": updates, "method": recipe.method, "arch": recipe.model.arch,
+                 "recipe": recipe.model_dump(mode="json")}
+        if accelerator.scaler is not None:
+            state["scaler"] = accelerator.scaler.state_dict()
+        checkpoint.atomic_save(state, Path(recipe.run.dir) / checkpoint.CHECKPOINT)
+
+
+def _resume(recipe: Recipe, model, optimizer, accelerator: Accelerator) -> tuple[int, int]:
+    if recipe.run.resume == "never":
+        return 0, 0
+    path = Path(recipe.run.dir) / checkpoint.CHECKPOINT if recipe.run.resume == "auto" else Path(recipe.run.resume)
+    if not path.is_file():
+        if recipe.run.resume != "auto":
+            raise RecipeError(f"run.resume: no such checkpoint: {path}")
+        return 0, 0
+    state = checkpoint.load(path)
+    if (state["method"], state["arch"]) != (recipe.method, recipe.model.arch):
+        raise RecipeError(f"run.resume: {path} holds {state['method']}/{state['arch']}, the recipe asks for "
+                          f"{recipe.method}/{recipe.model.arch}")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    if "scaler" in state and accelerator.scaler is not None:
+        accelerator.scaler.load_state_dict(state["scaler"])
+    if accelerator.is_main_process:
+        log.info("resumed from %s at epoch %d (%d updates)", path, state["epoch"], state["updates"])
+    return state["epoch"], state["updates"]
+
+
+def write_results(path: Path, results: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(results, indent=2) + "\n")
+    os.replace(tmp, path)

@@ -1,0 +1,129 @@
+"""Multi-exit ResNets (SelfCon, Bae et al.): a backbone F, sub-networks G attached after an
+intermediate stage T, and an L2-normalised projection head on every exit.
+
+The backbone is torchvision's ResNet (its blocks, widths and init); the sub-networks reuse
+torchvision's BasicBlock/Bottleneck. One forward runs the shared trunk once and returns every exit.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models import resnet as tv
+
+ARCHS = {  # name -> (block, blocks per stage)
+    "resnet18": (tv.BasicBlock, (2, 2, 2, 2)),
+    "resnet34": (tv.BasicBlock, (3, 4, 6, 3)),
+    "resnet50": (tv.Bottleneck, (3, 4, 6, 3)),
+}
+STAGES = ("layer1", "layer2", "layer3", "layer4")
+EXIT_POINTS = STAGES[:3]
+EXIT_KINDS = ("fc", "small", "same")
+STEMS = ("imagenet", "cifar")
+
+
+class EncoderOutput(NamedTuple):
+    features: list[torch.Tensor]  # pooled feature per exit, sub-networks first, backbone last
+    projections: list[torch.Tensor]  # L2-normalised projection per exit, same order
+    logits: Optional[torch.Tensor]  # classifier on the backbone feature, if the encoder has one
+
+
+class ProjectionHead(nn.Sequential):
+    """Linear d->d, ReLU, Linear d->proj_dim; the output is L2-normalised in forward."""
+
+    def __init__(self, dim: int, proj_dim: int):
+        super().__init__(nn.Linear(dim, dim), nn.ReLU(inplace=True), nn.Linear(dim, proj_dim))
+
+    def forward(self, x):
+        return F.normalize(super().forward(x), dim=1)
+
+
+def _make_stage(block, inplanes: int, planes: int, blocks: int, stride: int) -> nn.Sequential:
+    """A ResNet stage of torchvision blocks, as ResNet._make_layer builds it."""
+    downsample = None
+    if stride != 1 or inplanes != planes * block.expansion:
+        downsample = nn.Sequential(tv.conv1x1(inplanes, planes * block.expansion, stride),
+                                   nn.BatchNorm2d(planes * block.expansion))
+    layers = [block(inplanes, planes, stride, downsample)]
+    layers += [block(planes * block.expansion, planes) for _ in range(1, blocks)]
+    return nn.Sequential(*layers)
+
+
+def _pool() -> nn.Sequential:
+    return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+
+def build_subnetwork(arch: str, exit_point: str, kind: str) -> nn.Sequential:
+    """G: maps the output of stage `exit_point` to a pooled feature of the backbone's width."""
+    block, depths = ARCHS[arch]
+    start = STAGES.index(exit_point)
+    in_channels = 64 * 2 ** start * block.expansion
+    width = 512 * block.expansion
+    if kind == "fc":
+        return nn.Sequential(*_pool(), nn.Linear(in_channels, width))
+    stages, inplanes = [], in_channels
+    for index in range(start + 1, len(STAGES)):
+        blocks = depths[index] if kind == "same" else max(1, depths[index] // 2)
+        stages.append(_make_stage(block, inplanes, 64 * 2 ** index, blocks, stride=2))
+        inplanes = 64 * 2 ** index * block.expansion
+    return nn.Sequential(*stages, *_pool())
+
+
+class MultiExitResNet(nn.Module):
+    def __init__(self, arch: str = "resnet50", *, stem: str = "imagenet", exits: Sequence[str] = ("layer2",),
+                 exit_kind: str = "fc", proj_dim: int = 128, num_classes: Optional[int] = None,
+                 zero_init_residual: bool = False):
+        super().__init__()
+        _check("arch", arch, ARCHS)
+        _check("stem", stem, STEMS)
+        _check("exit_kind", exit_kind, EXIT_KINDS)
+        for point in exits:
+            _check("exits", point, EXIT_POINTS)
+        if len(set(exits)) != len(exits):
+            raise ValueError(f"exits={list(exits)}: an exit point is listed twice")
+        if proj_dim <= 0:
+            raise ValueError(f"proj_dim={proj_dim} must be positive")
+        if num_classes is not None and num_classes <= 0:
+            raise ValueError(f"num_classes={num_classes} must be positive")
+        block, depths = ARCHS[arch]
+        net = tv.ResNet(block, list(depths), zero_init_residual=zero_init_residual)
+        if stem == "cifar":  # small images: 3x3 stride-1 conv, no max-pool (as the official code)
+            net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+            nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
+            net.maxpool = nn.Identity()
+        self.arch, self.exit_points = arch, tuple(sorted(exits, key=STAGES.index))
+        self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
+        self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
+        self.pool = _pool()
+        self.feature_dim = 512 * block.expansion
+        self.subnetworks = nn.ModuleDict({p: build_subnetwork(arch, p, exit_kind) for p in self.exit_points})
+        self.heads = nn.ModuleList(ProjectionHead(self.feature_dim, proj_dim) for _ in range(self.num_exits))
+        self.classifier = nn.Linear(self.feature_dim, num_classes) if num_classes else None
+
+    @property
+    def num_exits(self) -> int:
+        return len(self.exit_points) + 1
+
+    def backbone_parameters(self):
+        """F's own parameters: stem and the four stages (what torchvision's resnet has, less `fc`)."""
+        for part in (self.stem, self.layer1, self.layer2, self.layer3, self.layer4):
+            yield from part.parameters()
+
+    def forward(self, x: torch.Tensor, project: bool = True) -> EncoderOutput:
+        x = self.stem(x)
+        sub_features = []
+        for name in STAGES:
+            x = getattr(self, name)(x)
+            if name in self.subnetworks:
+                sub_features.append(self.subnetworks[name](x))
+        features = [*sub_features, self.pool(x)]
+        projections = [head(f) for head, f in zip(self.heads, features)] if project else []
+        logits = self.classifier(features[-1]) if self.classifier is not None else None
+        return EncoderOutput(features, projections, logits)
+
+
+def _check(key: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"{key}={value!r}: unknown, choose from {', '.join(allowed)}")

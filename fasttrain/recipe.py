@@ -1,0 +1,170 @@
+"""Recipes: YAML files validated against this schema before any work starts.
+
+    recipe = load_recipe("recipes/r50_selfcon.yaml", ["train.batch_size=512", "loader=dali"])
+
+An unknown key, a wrong type or an impossible value raises RecipeError with one line that names
+the key; ``key=value`` overrides use dotted keys and YAML values, typed by the schema.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Optional, Sequence, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from fasttrain.methods import METHODS
+from fasttrain.models import ARCHS, EXIT_KINDS, EXIT_POINTS
+from loaders import BACKENDS
+from loaders.spec import DataConfig
+
+
+class RecipeError(Exception):
+    """A recipe problem the user can fix: one line naming the key or file."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Strict):
+    arch: Literal[tuple(ARCHS)] = "resnet50"
+    stem: Literal["imagenet", "cifar"] = "imagenet"
+    exits: list[Literal[EXIT_POINTS]] = ["layer2"]  # used only by methods with a sub-network
+    exit_kind: Literal[EXIT_KINDS] = "fc"
+    proj_dim: int = Field(128, gt=0)
+    sync_bn: bool = False
+    zero_init_residual: bool = False
+
+
+class LossConfig(_Strict):
+    temperature: float = Field(0.1, gt=0)
+    base_temperature: float = Field(0.07, gt=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    alpha: Optional[float] = Field(None, ge=0)  # paper Eq. 7 interpolation
+
+
+class OptimConfig(_Strict):
+    name: Literal["sgd", "lars"] = "sgd"
+    lr: float = Field(0.5, gt=0)  # for the global batch (no hidden scaling)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = False
+    weight_decay: float = Field(1e-4, ge=0)
+    exclude_bn_bias: bool = True  # no weight decay / LARS adaptation on BatchNorm and bias
+    lars_trust_coeff: float = Field(0.001, gt=0)
+
+
+class ScheduleConfig(_Strict):
+    epochs: int = Field(100, gt=0)
+    warmup_epochs: float = Field(10, ge=0)
+    final_lr_ratio: float = Field(1e-3, ge=0, le=1)  # cosine ends at lr * final_lr_ratio
+
+
+class TrainConfig(_Strict):
+    batch_size: int = Field(1024, gt=0)  # global: summed over processes and accumulation steps
+    grad_accum_steps: int = Field(1, gt=0)
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    channels_last: bool = True
+    compile: bool = False
+    seed: int = 0
+    max_steps_per_epoch: Optional[int] = Field(None, gt=0)  # short runs: tests, smoke checks
+    log_every: int = Field(10, gt=0)
+
+
+class LinearEvalConfig(_Strict):
+    enabled: bool = True
+    epochs: int = Field(10, gt=0)
+    lr: float = Field(0.1, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    batch_size: int = Field(256, gt=0)  # global
+    cache_features: bool = False  # encode the train split once (center crops) instead of every epoch
+
+
+class RunConfig(_Strict):
+    dir: Path = Path("runs/default")
+    resume: Union[Literal["auto", "never"], Path] = "auto"
+    checkpoint_every: int = Field(1, gt=0)  # epochs; the last epoch always checkpoints
+
+
+class Recipe(_Strict):
+    method: Literal[tuple(METHODS)]
+    loader: Literal[tuple(BACKENDS)] = "torchvision"
+    model: ModelConfig = ModelConfig()
+    loss: LossConfig = LossConfig()
+    data: DataConfig = DataConfig()
+    optim: OptimConfig = OptimConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    train: TrainConfig = TrainConfig()
+    linear_eval: LinearEvalConfig = LinearEvalConfig()
+    run: RunConfig = RunConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        method = METHODS[self.method]
+        if self.loss.alpha is not None and not method.uses_subnetwork:
+            raise ValueError(f"loss.alpha is set but method={self.method} has no sub-network")
+        if method.uses_subnetwork and not self.model.exits:
+            raise ValueError(f"model.exits is empty but method={self.method} needs a sub-network exit")
+        step_batch = self.train.batch_size % self.train.grad_accum_steps
+        if step_batch:
+            raise ValueError(f"train.batch_size={self.train.batch_size} is not divisible by "
+                             f"train.grad_accum_steps={self.train.grad_accum_steps}")
+        return self
+
+
+def apply_override(tree: dict, assignment: str) -> None:
+    """``a.b.c=value`` sets tree['a']['b']['c'] to the YAML value."""
+    if "=" not in assignment:
+        raise RecipeError(f"override {assignment!r}: expected key=value")
+    key, _, text = assignment.partition("=")
+    try:
+        value = yaml.safe_load(text) if text else None
+    except yaml.YAMLError:
+        value = text
+    node = tree
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise RecipeError(f"override {key}: {part} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _describe(error: ValidationError) -> str:
+    first = error.errors()[0]
+    key = ".".join(str(p) for p in first["loc"]) or "recipe"
+    if first["type"] == "extra_forbidden":
+        return f"{key}: unknown key"
+    if first["type"] == "missing":
+        return f"{key}: required key is missing"
+    value = first.get("input")
+    shown = "" if isinstance(value, dict) else f" (got {value!r})"
+    message = first["msg"].removeprefix("Value error, ")
+    more = f" [and {len(error.errors()) - 1} more]" if len(error.errors()) > 1 else ""
+    return f"{key}: {message}{shown}{more}"
+
+
+def load_recipe(path: Union[str, Path], overrides: Sequence[str] = ()) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: no such recipe file")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        raise RecipeError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(tree, dict):
+        raise RecipeError(f"{path}: a recipe is a mapping of sections")
+    for assignment in overrides:
+        apply_override(tree, assignment)
+    try:
+        return Recipe.model_validate(tree)
+    except ValidationError as exc:
+        raise RecipeError(f"{path}: {_describe(exc)}") from None
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
