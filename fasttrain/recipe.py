@@ -146,10 +146,20 @@ def _describe(error: ValidationError) -> str:
     return f"{key}: {message}{shown}{more}"
 
 
-def load_recipe(path: Union[str, Path], overrides: Sequence[str] = ()) -> Recipe:
-    path = Path(path)
+def _merge(base: dict, top: dict) -> dict:
+    merged = dict(base)
+    for key, value in top.items():
+        merged[key] = _merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return merged
+
+
+def _read(path: Path, chain: tuple = ()) -> dict:
+    """A recipe file as a dict; ``base: other.yaml`` (relative to the file) is read first and
+    overridden key by key, so the ImageNet recipes share one set of defaults."""
     if not path.is_file():
         raise RecipeError(f"{path}: no such recipe file")
+    if path.resolve() in chain:
+        raise RecipeError(f"{path}: `base:` loops back to itself")
     try:
         tree = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
@@ -158,6 +168,15 @@ def load_recipe(path: Union[str, Path], overrides: Sequence[str] = ()) -> Recipe
         raise RecipeError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
     if not isinstance(tree, dict):
         raise RecipeError(f"{path}: a recipe is a mapping of sections")
+    base = tree.pop("base", None)
+    if base is None:
+        return tree
+    return _merge(_read(path.parent / str(base), chain + (path.resolve(),)), tree)
+
+
+def load_recipe(path: Union[str, Path], overrides: Sequence[str] = ()) -> Recipe:
+    path = Path(path)
+    tree = _read(path)
     for assignment in overrides:
         apply_override(tree, assignment)
     try:

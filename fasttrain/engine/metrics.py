@@ -54,12 +54,13 @@ class Throughput:
     """Images per second after the first ``skip`` steps (compilation, warm caches)."""
 
     def __init__(self, skip: int = 2):
-        self.skip, self.steps, self.images, self.start = skip, 0, 0, None
+        self.skip, self.steps, self.images, self.start, self.last = skip, 0, 0, None, None
 
     def update(self, images: int) -> None:
         self.steps += 1
+        self.last = time.perf_counter()  # the clock stops at the last step, not when it is read
         if self.steps == self.skip:
-            self.start = time.perf_counter()
+            self.start = self.last
         elif self.steps > self.skip:
             self.images += images
 
@@ -67,7 +68,7 @@ class Throughput:
     def images_per_second(self) -> Optional[float]:
         if self.start is None or not self.images:
             return None
-        return self.images / (time.perf_counter() - self.start)
+        return self.images / (self.last - self.start)
 
 
 class MetricsFile:

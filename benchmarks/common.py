@@ -1,0 +1,165 @@
+"""What the benchmarks share: recipes, fresh worker processes, statistics, and result files
+(JSON + markdown table + PNG bar chart, each written atomically)."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Optional, Sequence
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------- recipes
+
+
+def recipe_for(tree: dict, overrides: Sequence[str] = ()):
+    """A validated Recipe from a ``recipes/*.yaml``-style dict plus dotted ``key=value`` overrides."""
+    import copy
+
+    from pydantic import ValidationError
+
+    from fasttrain.recipe import Recipe, RecipeError, apply_override
+
+    tree = copy.deepcopy(tree)
+    for assignment in overrides:
+        apply_override(tree, assignment)
+    try:
+        return Recipe.model_validate(tree)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        key = ".".join(str(p) for p in first["loc"]) or "recipe"
+        raise RecipeError(f"benchmark recipe: {key}: {first['msg']}") from None
+
+
+# ---------------------------------------------------------------- worker processes
+
+
+def run_worker(module: str, args: Sequence[str], *, timeout: Optional[float] = None) -> dict:
+    """Runs ``python -m module --worker ARGS --result FILE`` in a fresh process; returns the JSON it
+    wrote, or ``{"error": ...}`` with the tail of its output when it failed."""
+    with tempfile.TemporaryDirectory(prefix="fasttrain-bench-") as tmp:
+        result = Path(tmp) / "result.json"
+        cmd = [sys.executable, "-m", module, "--worker", *map(str, args), "--result", str(result)]
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+        try:
+            proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return {"error": f"timed out after {timeout:.0f} s"}
+        if proc.returncode == 0 and result.is_file():
+            return json.loads(result.read_text())
+        tail = (proc.stderr or proc.stdout or "").strip().splitlines()[-15:]
+        return {"error": f"exit status {proc.returncode}: " + " | ".join(tail)}
+
+
+def environment() -> dict:
+    import torch
+
+    env = {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor() or
+           platform.machine(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name(0)
+    return env
+
+
+def training_device():
+    import torch
+
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+# ---------------------------------------------------------------- statistics
+
+
+def summarize(values: Sequence[float]) -> dict:
+    """Median, inter-quartile range, min and max of a sample."""
+    values = sorted(values)
+    if len(values) >= 2:
+        q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    else:
+        q1 = q3 = values[0]
+    return {"median": statistics.median(values), "iqr": q3 - q1, "min": values[0], "max": values[-1]}
+
+
+# ---------------------------------------------------------------- result files
+
+
+def atomic_write(path: Path, text: str | bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(text if isinstance(text, bytes) else text.encode())
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, data) -> None:
+    atomic_write(path, json.dumps(data, indent=2, default=str) + "\n")
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
+    def cell(v):
+        return "–" if v is None else str(v)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def bar_chart(path: Path, panels: Sequence[dict], title: str = "") -> None:
+    """Grouped bars, one panel each: ``{"title", "ylabel", "categories": [..], "series": {name: [v|None]}}``.
+    Missing values (None) leave a gap."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        categories, series = panel["categories"], panel["series"]
+        width = 0.8 / max(1, len(series))
+        for i, (name, values) in enumerate(series.items()):
+            xs = [c + (i - (len(series) - 1) / 2) * width for c in range(len(categories))]
+            bars = ax.bar([x for x, v in zip(xs, values) if v is not None],
+                          [v for v in values if v is not None], width, label=name)
+            ax.bar_label(bars, fmt=panel.get("fmt", "%.2f"), fontsize=7)
+        ax.set_xticks(range(len(categories)), categories, rotation=panel.get("rotation", 0))
+        ax.set_title(panel.get("title", ""))
+        ax.set_ylabel(panel.get("ylabel", ""))
+        if panel.get("hline") is not None:
+            ax.axhline(panel["hline"], color="grey", linewidth=0.8, linestyle="--")
+        if len(series) > 1:
+            ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp-{os.getpid()}.png")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- datasets
+
+
+def ffcv_dataset(data_dir: Path, out_dir: Path) -> tuple[Path, Optional[float]]:
+    """``data_dir`` converted to ``out_dir/<name>.beton`` by ``loaders.ffcv_convert.convert`` (kept and
+    reused when it is newer than the folder). Returns (path, seconds spent converting or None)."""
+    import time
+
+    from loaders.ffcv_convert import convert  # ImportError: the backend is not there
+
+    data_dir, out_dir = Path(data_dir), Path(out_dir)
+    beton = out_dir / f"{data_dir.resolve().name}.beton"
+    newest = max((p.stat().st_mtime for p in data_dir.rglob("*") if p.is_file()), default=0)
+    if beton.is_file() and beton.stat().st_mtime >= newest:
+        return beton, None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    convert(data_dir, beton)
+    return beton, time.perf_counter() - start

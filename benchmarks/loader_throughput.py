@@ -1,0 +1,222 @@
+"""Images per second of each loader backend on the same images, single- and two-view.
+
+    python -m benchmarks.loader_throughput --data /tmp/photos --backends torchvision,dali,ffcv --workers 2
+
+Every (backend, views) pair runs in its own fresh process: the loader is built for the training
+split with the contrastive augmentation (SupCon's crop, flip, colour jitter, grayscale) at
+--image-size, then --warmup batches (worker start-up, first decodes) are drawn and left out, and
+the next --batches batches are timed (the epoch restarts when it runs out). Batches land on the
+training device (GPU when there is one, where the clock stops only after a synchronize).
+images/s counts images, not crops: a two-view batch of B images holds 2B crops.
+
+FFCV reads a .beton: --data is converted first with ``loaders.ffcv_convert.convert`` into --out
+(kept and reused while newer than the folder). A backend that cannot run here (not installed,
+LoaderError) is recorded as unavailable with the reason.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import (atomic_write, bar_chart, environment, ffcv_dataset, markdown_table,  # noqa: E402
+                               run_worker, summarize, training_device, write_json)
+
+BACKENDS = ("torchvision", "dali", "ffcv")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, required=True, help="an ImageFolder directory (class folders of images)")
+    p.add_argument("--backends", default=",".join(BACKENDS))
+    p.add_argument("--views", default="1,2", help="views per image to measure, e.g. 1,2")
+    p.add_argument("--workers", type=int, default=2, help="data.num_workers (processes or threads of the backend)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--batches", type=int, default=20, help="timed batches")
+    p.add_argument("--warmup", type=int, default=1, help="batches drawn before timing")
+    p.add_argument("--timeout", type=float, default=900, help="seconds allowed per measurement")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/loaders"))
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--backend", help=argparse.SUPPRESS)
+    p.add_argument("--source", type=Path, help=argparse.SUPPRESS)  # what the backend reads (.beton for ffcv)
+    p.add_argument("--num-views", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--result", type=Path, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    try:
+        args.views = [int(v) for v in args.views.split(",") if v.strip()]
+    except ValueError:
+        p.error(f"--views {args.views!r}: expected numbers like 1,2")
+    if not set(args.views) <= {1, 2} or not args.views:
+        p.error("--views: a loader makes 1 or 2 views")
+    if args.batches < 1 or args.warmup < 0 or args.batch_size < 1 or args.workers < 0:
+        p.error("--batches and --batch-size must be >= 1, --warmup and --workers >= 0")
+    if not args.worker and not args.data.is_dir():
+        p.error(f"--data: no such directory: {args.data}")
+    return args
+
+
+# ---------------------------------------------------------------- one measurement, in its own process
+
+
+def measure(args) -> dict:
+    import torch
+
+    from loaders import DataConfig, LoaderError, LoaderRequest, build_loader
+
+    device = training_device()
+    row = {"backend": args.backend, "num_views": args.num_views, "batch_size": args.batch_size,
+           "workers": args.workers, "image_size": args.image_size, "device": str(device)}
+    cfg = DataConfig(train=args.source, image_size=args.image_size, num_workers=args.workers, augment="contrastive")
+    req = LoaderRequest(split="train", batch_size=args.batch_size, augment="contrastive", num_views=args.num_views,
+                        device=device, seed=0)
+    start = time.perf_counter()
+    try:
+        loader = build_loader(args.backend, cfg, req)
+    except (LoaderError, ImportError) as exc:
+        return {**row, "available": False, "reason": str(exc).splitlines()[0]}
+    build_seconds = time.perf_counter() - start
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def batches():
+        epoch = 0
+        while True:
+            loader.set_epoch(epoch)
+            drawn = 0
+            for batch in loader:
+                drawn += 1
+                yield batch
+            if not drawn:
+                raise RuntimeError(f"{args.backend}: an epoch without a single batch")
+            epoch += 1
+
+    stream = batches()
+    start = time.perf_counter()
+    for _ in range(args.warmup):
+        views, labels = next(stream)
+    sync()
+    warmup_seconds = time.perf_counter() - start
+    times, images = [], 0
+    began = last = time.perf_counter()
+    for _ in range(args.batches):
+        views, labels = next(stream)
+        if len(views) != args.num_views or views[0].shape[-1] != args.image_size:
+            raise RuntimeError(f"{args.backend}: got {len(views)} views of {tuple(views[0].shape)}")
+        sync()
+        now = time.perf_counter()
+        times.append(now - last)
+        last = now
+        images += labels.shape[0]
+    elapsed = last - began
+    stats = summarize(times)
+    return {**row, "available": True, "reason": None, "dataset_images": loader.num_samples,
+            "images_per_second": images / elapsed, "crops_per_second": images * args.num_views / elapsed,
+            "batch_time_median_s": stats["median"], "batch_time_iqr_s": stats["iqr"], "timed_batches": args.batches,
+            "warmup_batches": args.warmup, "build_seconds": build_seconds, "warmup_seconds": warmup_seconds,
+            "skipped_images": len(loader.skipped), "view_dtype": str(views[0].dtype),
+            "view_shape": list(views[0].shape)}
+
+
+def worker_args(args, backend: str, source: Path, views: int) -> list:
+    return ["--data", args.data, "--backend", backend, "--source", source, "--num-views", views,
+            "--workers", args.workers, "--batch-size", args.batch_size, "--image-size", args.image_size,
+            "--batches", args.batches, "--warmup", args.warmup]
+
+
+# ---------------------------------------------------------------- the report
+
+
+def table(rows: list[dict], args) -> str:
+    by = {(r["backend"], r["num_views"]): r for r in rows}
+    header = ["Backend"]
+    for v in args.views:
+        header += [f"{v} view{'s' if v > 1 else ''}: images/s", f"{v}v: × torchvision"]
+    header += ["notes"]
+    body = []
+    for backend in args.backends:
+        line, notes = [backend], []
+        for v in args.views:
+            r, ref = by.get((backend, v)), by.get(("torchvision", v))
+            if r is None or not r.get("available"):
+                line += ["unavailable", None]
+                if r is not None and r.get("reason") and r["reason"] not in notes:
+                    notes.append(r["reason"])
+                continue
+            line.append(f"{r['images_per_second']:.1f} (batch {r['batch_time_median_s']:.3f} s ± "
+                        f"{r['batch_time_iqr_s']:.3f})")
+            ok = ref is not None and ref.get("available")
+            line.append(f"×{r['images_per_second'] / ref['images_per_second']:.2f}" if ok else None)
+        if any(r.get("conversion_seconds") for r in rows if r["backend"] == backend):
+            notes.append(f"converted in {max(r.get('conversion_seconds') or 0 for r in rows):.0f} s (not timed)")
+        body.append(line + ["; ".join(notes)[:160] or None])
+    device = next((r["device"] for r in rows if r.get("device")), "?")
+    title = (f"Loader throughput on {args.data} ({next((r['dataset_images'] for r in rows if r.get('available')), '?')}"
+             f" images per epoch), contrastive augmentation, {args.image_size}px crops, batch {args.batch_size}, "
+             f"{args.workers} workers, device {device}; {args.warmup} warm-up batch(es) left out, {args.batches} timed. "
+             f"images/s counts images (a 2-view batch decodes each image once and crops it twice); "
+             f"'batch' is the median (± IQR) time per batch.")
+    return title + "\n\n" + markdown_table(header, body) + "\n"
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        write_json(args.result, measure(args))
+        return 0
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for backend in args.backends:
+        source, conversion = args.data, None
+        if backend == "ffcv":
+            try:
+                source, conversion = ffcv_dataset(args.data, args.out)
+            except ImportError as exc:
+                reason = f"loaders.ffcv_convert: {exc}"
+                rows += [{"backend": backend, "num_views": v, "available": False, "reason": reason} for v in args.views]
+                print(f"[loaders] ffcv: unavailable ({reason})", flush=True)
+                continue
+            except Exception as exc:  # a conversion failure is this backend's failure, not the run's
+                reason = f"conversion failed: {type(exc).__name__}: {exc}".splitlines()[0]
+                rows += [{"backend": backend, "num_views": v, "available": False, "reason": reason} for v in args.views]
+                print(f"[loaders] ffcv: unavailable ({reason})", flush=True)
+                continue
+        for views in args.views:
+            row = run_worker("benchmarks.loader_throughput", worker_args(args, backend, source, views),
+                             timeout=args.timeout)
+            if "error" in row:
+                row = {"available": False, "reason": row["error"][:300]}
+            row.update(backend=backend, num_views=views, conversion_seconds=conversion)
+            rows.append(row)
+            if row["available"]:
+                print(f"[loaders] {backend:<11} {views} view(s): {row['images_per_second']:8.1f} images/s "
+                      f"({row['crops_per_second']:.1f} crops/s)", flush=True)
+            else:
+                print(f"[loaders] {backend:<11} {views} view(s): unavailable ({row['reason']})", flush=True)
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+              if k not in ("worker", "backend", "source", "num_views", "result")}
+    write_json(args.out / "loader_throughput.json", {"benchmark": "loader_throughput", "config": config,
+                                                     "environment": environment(), "results": rows})
+    text = table(rows, args)
+    atomic_write(args.out / "loader_throughput.md", text)
+    by = {(r["backend"], r["num_views"]): r for r in rows}
+    bar_chart(args.out / "loader_throughput.png", [{
+        "title": "Loader throughput (images/s)", "ylabel": "images / s", "categories": args.backends, "fmt": "%.0f",
+        "series": {f"{v} view{'s' if v > 1 else ''}": [by[(b, v)].get("images_per_second") for b in args.backends]
+                   for v in args.views}}],
+        title=f"{args.data.name}: batch {args.batch_size}, {args.image_size}px, {args.workers} workers, "
+              f"{rows[0].get('device', '') if rows else ''}")
+    print(text)
+    print(f"[loaders] wrote {args.out}/loader_throughput.{{json,md,png}}")
+    return 0 if any(r.get("available") for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

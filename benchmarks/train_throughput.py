@@ -1,0 +1,192 @@
+"""The real trainer fed by each loader backend, against the same trainer fed synthetic images.
+
+    python -m benchmarks.train_throughput --data /tmp/photos --arch resnet18 --backends synthetic,torchvision,dali,ffcv
+
+Each backend runs ``fasttrain.engine.trainer.train`` in its own fresh process: one epoch of
+--steps steps (train.max_steps_per_epoch), no linear evaluation, the run directory in a temporary
+folder. images/s is the TrainResult's (the trainer's Throughput: steps after the first two).
+``synthetic`` makes random images on the device (no decoding, no copy): the trainer's upper
+bound. ratio = backend images/s / synthetic images/s; 1 - ratio is the share of the step the
+loader costs (decoding that the step waits for, or CPU taken from the step).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import (atomic_write, bar_chart, environment, ffcv_dataset, markdown_table,  # noqa: E402
+                               recipe_for, run_worker, write_json)
+
+BACKENDS = ("synthetic", "torchvision", "dali", "ffcv")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, required=True, help="an ImageFolder directory (class folders of images)")
+    p.add_argument("--arch", default="resnet18")
+    p.add_argument("--backends", default=",".join(BACKENDS))
+    p.add_argument("--method", default="selfcon")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--steps", type=int, default=10, help="training steps (images/s counts those after the 2nd)")
+    p.add_argument("--precision", choices=("bf16", "fp16", "fp32"), default="bf16")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                   help="the recipes' default (on)")
+    p.add_argument("--workers", type=int, default=2, help="data.num_workers")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads of the training process")
+    p.add_argument("--timeout", type=float, default=1200, help="seconds allowed per backend")
+    p.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/train_throughput_<arch>")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--backend", help=argparse.SUPPRESS)
+    p.add_argument("--source", type=Path, help=argparse.SUPPRESS)  # what the backend reads (.beton for ffcv)
+    p.add_argument("--num-classes", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--result", type=Path, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    if args.steps < 3:
+        p.error("--steps must be >= 3 (the trainer's images/s leaves out the first two)")
+    if not args.worker and not args.data.is_dir():
+        p.error(f"--data: no such directory: {args.data}")
+    args.out = args.out or Path("benchmarks/results") / f"train_throughput_{args.arch}"
+    return args
+
+
+def num_classes(folder: Path) -> int:
+    return sum(1 for p in Path(folder).iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+# ---------------------------------------------------------------- one backend, in its own process
+
+
+def measure(args) -> dict:
+    import torch
+
+    from fasttrain.engine.trainer import make_accelerator, train
+    from loaders import LoaderError
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    row = {"backend": args.backend, "arch": args.arch, "method": args.method, "batch_size": args.batch_size,
+           "image_size": args.image_size, "steps": args.steps, "precision": args.precision,
+           "channels_last": args.channels_last, "workers": args.workers}
+    synthetic = args.backend == "synthetic"
+    with tempfile.TemporaryDirectory(prefix="train-throughput-") as run_dir:
+        recipe = recipe_for({
+            "method": args.method, "loader": args.backend, "model": {"arch": args.arch, "exits": ["layer2"]},
+            "data": {"train": None if synthetic else str(args.source), "image_size": args.image_size,
+                     "num_workers": args.workers, "augment": "contrastive",
+                     # synthetic: as many classes as the folder, enough samples for every step
+                     **({"num_classes": args.num_classes, "synthetic_samples": args.batch_size * args.steps}
+                        if synthetic else {})},
+            "train": {"batch_size": args.batch_size, "precision": args.precision, "channels_last": args.channels_last,
+                      "max_steps_per_epoch": args.steps, "log_every": args.steps},
+            "schedule": {"epochs": 1, "warmup_epochs": 0},
+            "linear_eval": {"enabled": False},
+            "run": {"dir": run_dir, "resume": "never"},
+        })
+        accelerator = make_accelerator(recipe, log_with=())
+        start = time.perf_counter()
+        try:
+            result = train(recipe, accelerator)
+        except (LoaderError, ImportError) as exc:
+            return {**row, "available": False, "reason": str(exc).splitlines()[0]}
+        wall = time.perf_counter() - start
+        accelerator.end_training()
+    return {**row, "available": True, "reason": None, "device": str(accelerator.device),
+            "images_per_second": result.images_per_second, "updates": result.updates,
+            "peak_memory_bytes": result.peak_memory_bytes, "memory_kind": result.peak_memory_kind,
+            "train_wall_seconds": wall, "threads": torch.get_num_threads()}
+
+
+def worker_args(args, backend: str, source: Path, classes: int) -> list:
+    out = ["--data", args.data, "--backend", backend, "--source", source, "--num-classes", classes,
+           "--arch", args.arch, "--method", args.method, "--batch-size", args.batch_size,
+           "--image-size", args.image_size, "--steps", args.steps, "--precision", args.precision,
+           "--channels-last" if args.channels_last else "--no-channels-last", "--workers", args.workers]
+    return out + (["--threads", args.threads] if args.threads else [])
+
+
+# ---------------------------------------------------------------- the report
+
+
+def table(rows: list[dict], args) -> str:
+    header = ["Backend", "images/s", "× synthetic", "loader share of the step", "peak memory [MiB]", "notes"]
+    body = []
+    for r in rows:
+        if not r.get("available"):
+            body.append([r["backend"], "unavailable", None, None, None, (r.get("reason") or "")[:160]])
+            continue
+        ratio = r.get("ratio_to_synthetic")
+        body.append([r["backend"], f"{r['images_per_second']:.1f}", None if ratio is None else f"×{ratio:.2f}",
+                     None if ratio is None else f"{max(0.0, 1 - ratio):.0%}",
+                     f"{r['peak_memory_bytes'] / 2**20:.0f}", None])
+    ok = [r for r in rows if r.get("available")]
+    device = ok[0]["device"] if ok else "?"
+    kind = ok[0]["memory_kind"] if ok else "?"
+    title = (f"Trainer throughput, {args.method} / {args.arch}, batch {args.batch_size}, {args.image_size}px, "
+             f"{args.precision}{', channels_last' if args.channels_last else ''}, device {device}, "
+             f"{args.workers} loader workers, {args.steps} steps (images/s over steps 3..{args.steps}); "
+             f"data {args.data}. Memory: {kind}.")
+    return title + "\n\n" + markdown_table(header, body) + "\n"
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        write_json(args.result, measure(args))
+        return 0
+    args.out.mkdir(parents=True, exist_ok=True)
+    classes = num_classes(args.data)
+    rows = []
+    for backend in args.backends:
+        source, conversion = args.data, None
+        if backend == "ffcv":
+            try:
+                source, conversion = ffcv_dataset(args.data, args.out)
+            except Exception as exc:  # not there yet, or the conversion failed: this backend only
+                reason = f"ffcv conversion: {type(exc).__name__}: {exc}".splitlines()[0]
+                rows.append({"backend": backend, "available": False, "reason": reason})
+                print(f"[train_throughput] ffcv: unavailable ({reason})", flush=True)
+                continue
+        started = time.perf_counter()
+        row = run_worker("benchmarks.train_throughput", worker_args(args, backend, source, classes),
+                         timeout=args.timeout)
+        if "error" in row:
+            row = {"available": False, "reason": row["error"][:300]}
+        row.update(backend=backend, conversion_seconds=conversion)
+        rows.append(row)
+        if row["available"]:
+            print(f"[train_throughput] {backend:<11} {row['images_per_second']:8.1f} images/s  "
+                  f"[{time.perf_counter() - started:.0f} s]", flush=True)
+        else:
+            print(f"[train_throughput] {backend:<11} unavailable ({row['reason']})", flush=True)
+    base = next((r for r in rows if r["backend"] == "synthetic" and r.get("available")), None)
+    for r in rows:
+        r["ratio_to_synthetic"] = (r["images_per_second"] / base["images_per_second"]
+                                   if base and r.get("available") else None)
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+              if k not in ("worker", "backend", "source", "num_classes", "result")}
+    write_json(args.out / "train_throughput.json", {"benchmark": "train_throughput", "config": config,
+                                                    "environment": environment(), "results": rows})
+    text = table(rows, args)
+    atomic_write(args.out / "train_throughput.md", text)
+    names = [r["backend"] for r in rows]
+    bar_chart(args.out / "train_throughput.png", [
+        {"title": "Trainer images/s", "ylabel": "images / s", "categories": names, "fmt": "%.1f",
+         "series": {"images/s": [r.get("images_per_second") for r in rows]}},
+        {"title": "× synthetic (1 = the loader costs nothing)", "ylabel": "ratio", "categories": names,
+         "hline": 1.0, "series": {"ratio": [r.get("ratio_to_synthetic") for r in rows]}}],
+        title=f"{args.method} / {args.arch}, batch {args.batch_size}, {args.image_size}px, {args.precision}")
+    print(text)
+    print(f"[train_throughput] wrote {args.out}/train_throughput.{{json,md,png}}")
+    return 0 if base is not None else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,204 @@
+"""NVIDIA DALI backend: ImageFolder files -> decoded, augmented, normalised batches.
+
+One pipeline definition serves both devices: on CUDA the JPEGs are decoded by nvJPEG
+(``mixed``) and every later op runs on the GPU, so batches never visit the host; on CPU
+(the tests) the same graph runs with ``device_id=None``.
+
+Design choices (see DESIGN.md, ``loaders/``):
+
+* Labels. The file and label lists come from torchvision's ``ImageFolder`` scan and are passed
+  to ``fn.readers.file(files=, labels=)``, so class indices are those of the torchvision
+  backend by construction (DALI's own ``file_root`` walk also sorts folder names bytewise,
+  but it filters extensions and empty folders differently).
+* Corrupt files. DALI cannot skip a sample it fails to decode: the whole pipeline raises.
+  So every file is checked once at build time (PIL header parse + ``verify()``, a few KB
+  read per file, on ``num_workers`` threads); unreadable ones are excluded, named in one
+  warning and recorded in ``skipped``. A file whose header is fine but whose entropy data
+  is damaged is not caught; such a file would stop the run with DALI's error naming it.
+* Sharding. ``shard_id``/``num_shards`` = rank/world size. Training keeps the first
+  ``world_size * (N // world_size)`` files of a ``seed``-permuted list, so all shards are
+  equal and DROP yields the same number of full batches on every rank (DALI's DROP logic
+  misbehaves with unequal shards); at most ``world_size - 1`` files sit out, the same ones
+  every epoch. ``shuffle_after_epoch`` reshuffles the whole list every epoch identically on
+  all ranks (DALI seeds it with a constant plus its epoch counter, so ``set_epoch`` cannot
+  steer it; our pre-permutation is what makes ``seed`` matter).
+* Last batch. Training drops it. Evaluation uses contiguous shards whose sizes sum to the
+  dataset size, ``pad_last_batch`` + ``reader_name`` + PARTIAL: the padded copies are cut
+  off, every sample is counted exactly once across processes. DALI also tops smaller shards
+  up with empty batches to the largest shard's count; those are skipped, so, as with the
+  torchvision backend, ranks may differ by one evaluation batch.
+* An epoch abandoned part-way (``break``) resumes where it stopped on the next ``iter()``:
+  DALI iterators cannot be reset mid-epoch.
+* Colour (``augment="contrastive"``, official SupCon: ColorJitter(0.4, 0.4, 0.4, 0.1) with
+  p=0.8, RandomGrayscale p=0.2) is one ``fn.color_twist`` per view: jitter factors are
+  blended with identity by a coin flip, and grayscale is saturation 0 (luma = the same
+  0.299/0.587/0.114 weights as torchvision). Differences from torchvision: a fixed op order
+  (torchvision permutes the four ops), contrast pivots on mid-grey rather than the image's
+  mean grey, hue is a rotation in YIQ space, and one clamp at the end.
+* Two views: one read, two independent ``image_random_crop`` decodes of the same bytes.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision import datasets
+
+from loaders.spec import DataConfig, LoaderError, LoaderRequest, output_dtype, require_path, to_device
+
+try:
+    from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali.plugin.base_iterator import LastBatchPolicy
+    from nvidia.dali.plugin.pytorch import DALIGenericIterator
+except ImportError as exc:  # re-raised as ImportError so build_loader names the extra to install
+    raise ImportError(f"nvidia-dali is not installed ({exc})") from exc
+
+log = logging.getLogger(__name__)
+
+READER = "reader"
+# nvJPEG buffer preallocation from NVIDIA's ImageNet example: avoids reallocation stalls
+# when an unusually large image turns up mid-epoch.
+_MIXED_DECODER_ARGS = dict(device_memory_padding=211025920, host_memory_padding=140544512)
+
+
+def _unreadable(path: str) -> Optional[str]:
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except Exception as exc:  # PIL raises many types for a broken file
+        return f"{path} ({type(exc).__name__}: {exc})"
+    return None
+
+
+def scan(root: Path, key: str, threads: int) -> tuple[list[tuple[str, int]], list[str], list[str]]:
+    """(readable (path, label) pairs, class names, unreadable file reports) of an ImageFolder."""
+    try:
+        folder = datasets.ImageFolder(root)
+    except (FileNotFoundError, RuntimeError) as exc:  # no class folders / no images
+        raise LoaderError(f"{key}: {exc}") from exc
+    with ThreadPoolExecutor(max(1, threads)) as pool:  # I/O bound: threads overlap file opens
+        reports = list(pool.map(_unreadable, (p for p, _ in folder.samples), chunksize=256))
+    samples = [s for s, bad in zip(folder.samples, reports) if bad is None]
+    return samples, folder.classes, [r for r in reports if r is not None]
+
+
+def _colour(images):
+    """SupCon's RandomApply(ColorJitter(.4, .4, .4, .1), p=.8) + RandomGrayscale(p=.2)."""
+    jitter = fn.random.coin_flip(probability=0.8)
+    keep_colour = 1 - fn.random.coin_flip(probability=0.2)
+
+    def factor(spread):
+        return 1.0 + jitter * (fn.random.uniform(range=[1.0 - spread, 1.0 + spread]) - 1.0)
+
+    return fn.color_twist(images, brightness=factor(0.4), contrast=factor(0.4),
+                          saturation=factor(0.4) * keep_colour,
+                          hue=jitter * fn.random.uniform(range=[-36.0, 36.0]))  # 0.1 turn
+
+
+@pipeline_def(enable_conditionals=False)
+def _pipeline(files, labels, root, cfg, req, decode_device):
+    training = req.training
+    jpegs, label = fn.readers.file(
+        file_root=str(root), files=files, labels=labels, name=READER,
+        shard_id=req.rank, num_shards=req.world_size, pad_last_batch=True,
+        shuffle_after_epoch=training, stick_to_shard=not training)
+    gpu = decode_device == "mixed"
+    decoder_args = dict(device=decode_device, output_type=types.RGB,
+                        **(_MIXED_DECODER_ARGS if gpu else {}))
+    size = cfg.image_size
+    dtype = types.FLOAT if output_dtype(cfg) != torch.float16 else types.FLOAT16
+    # HWC output viewed as NCHW is channels_last memory at no cost; CHW is the plain layout.
+    normalise = dict(dtype=dtype, output_layout="HWC" if req.channels_last else "CHW",
+                     mean=[255 * m for m in cfg.mean], std=[255 * s for s in cfg.std])
+    views = []
+    if req.augment == "center":
+        images = fn.decoders.image(jpegs, **decoder_args)
+        images = fn.resize(images, resize_shorter=int(round(size / cfg.val_resize_ratio)))
+        views.append(fn.crop_mirror_normalize(images, crop=(size, size), **normalise))
+    else:
+        for _ in range(req.num_views):
+            images = fn.decoders.image_random_crop(
+                jpegs, random_area=list(cfg.crop_scale), random_aspect_ratio=list(cfg.crop_ratio),
+                num_attempts=10, **decoder_args)
+            images = fn.resize(images, size=(size, size))
+            if req.augment == "contrastive":
+                images = _colour(images)
+            views.append(fn.crop_mirror_normalize(
+                images, mirror=fn.random.coin_flip(probability=0.5), **normalise))
+    return (*views, label.gpu() if gpu else label)
+
+
+class DALILoader:
+    def __init__(self, cfg: DataConfig, req: LoaderRequest):
+        key = f"data.{req.split}"
+        root = require_path(getattr(cfg, req.split), key)
+        samples, self.classes, bad = scan(root, key, cfg.num_workers)
+        self.num_classes = len(self.classes)
+        self.skipped: set[str] = {entry.split(" (", 1)[0] for entry in bad}
+        if bad:
+            log.warning("%s: skipping %d unreadable image(s): %s", key, len(bad), "; ".join(bad))
+        world, rank, batch = req.world_size, req.rank, req.batch_size
+        if req.training:
+            order = np.random.default_rng(req.seed).permutation(len(samples))
+            samples = [samples[i] for i in order[: world * (len(samples) // world)]]
+            shard_size = len(samples) // world
+            if shard_size < batch:
+                raise LoaderError(f"{key}: {shard_size} images per process, fewer than one batch of {batch}")
+            self.steps = shard_size // batch
+            self.num_samples = self.steps * batch
+        else:
+            # DALI's shard bounds: floor(n * i / world); the sizes sum to n.
+            n = len(samples)
+            self.num_samples = n * (rank + 1) // world - n * rank // world
+            if self.num_samples == 0:
+                raise LoaderError(f"{key}: {n} images for {world} processes; process {rank} gets none")
+            self.steps = math.ceil(self.num_samples / batch)
+        self.files = [str(Path(p).relative_to(root)) for p, _ in samples]
+        self.labels = [label for _, label in samples]
+        self.req, self.dtype = req, output_dtype(cfg)
+        cuda = req.device.type == "cuda"
+        device_id = None  # what DALI needs to run without a driver
+        if cuda:
+            device_id = req.device.index if req.device.index is not None else torch.cuda.current_device()
+        pipe = _pipeline(
+            self.files, self.labels, root, cfg, req, "mixed" if cuda else "cpu",
+            batch_size=batch, num_threads=max(1, cfg.num_workers), device_id=device_id,
+            seed=(req.seed * 65537 + rank) % 2**31)  # augmentations differ between ranks
+        pipe.build()
+        center = req.augment == "center"
+        self.views = [f"view{i}" for i in range(1 if center else req.num_views)]
+        self.repeat = req.num_views if center else 1  # a deterministic view is the same image twice
+        self.iterator = DALIGenericIterator(
+            pipe, [*self.views, "label"], reader_name=READER, auto_reset=True,
+            last_batch_policy=LastBatchPolicy.DROP if req.training else LastBatchPolicy.PARTIAL)
+        # guards the size arithmetic above; in evaluation DALI pads every rank to the largest
+        # shard's batch count with empty batches, which __iter__ skips
+        if len(self.iterator) != self.steps if req.training else len(self.iterator) < self.steps:
+            raise LoaderError(f"{key}: DALI plans {len(self.iterator)} batches, expected {self.steps}")
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def set_epoch(self, epoch: int) -> None:
+        """No-op: DALI reshuffles itself each epoch (see the module docstring)."""
+
+    def __iter__(self) -> Iterator[tuple[tuple[torch.Tensor, ...], torch.Tensor]]:
+        for (batch,) in self.iterator:
+            if len(batch["label"]) == 0:
+                continue
+            views = []
+            for name in self.views:
+                x = batch[name]
+                views.append(to_device(x.permute(0, 3, 1, 2) if self.req.channels_last else x,
+                                       self.req, self.dtype))
+            yield tuple(views) * self.repeat, batch["label"].view(-1).to(self.req.device, torch.long)
+
+
+def build(cfg: DataConfig, req: LoaderRequest) -> DALILoader:
+    return DALILoader(cfg, req)

@@ -1,0 +1,39 @@
+"""Launched by test_run.py with 1 and with 2 processes: the loss and the gradients of one
+training step on the same global batch, written to OUT (by the main process)."""
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from fasttrain.engine.trainer import build_model, build_objective, make_accelerator  # noqa: E402
+from fasttrain.methods import get_method  # noqa: E402
+from fasttrain.recipe import Recipe  # noqa: E402
+
+
+def main(method_name: str, out: str) -> None:
+    recipe = Recipe.model_validate({"method": method_name, "model": {"arch": "resnet18", "stem": "cifar"},
+                                    "train": {"precision": "fp32", "channels_last": False},
+                                    "run": {"dir": str(Path(out).parent / "run")}})
+    accelerator = make_accelerator(recipe, log_with=())
+    method = get_method(method_name)
+    torch.manual_seed(0)
+    model = build_model(recipe, method, num_classes=4)
+    gen = torch.Generator().manual_seed(1)
+    batch = 12
+    views = [torch.randn(batch, 3, 16, 16, generator=gen) for _ in range(method.num_views)]
+    labels = torch.arange(batch) % 4
+    share = batch // accelerator.num_processes
+    rows = slice(accelerator.process_index * share, (accelerator.process_index + 1) * share)
+    model = accelerator.prepare(model)
+    model.eval()  # BatchNorm on running statistics: per-process batch statistics would differ by design
+    loss, _ = build_objective(recipe, method)(model, [v[rows] for v in views], labels[rows])
+    accelerator.backward(loss)
+    grads = {n: p.grad.detach().clone() for n, p in accelerator.unwrap_model(model).named_parameters()
+             if p.grad is not None}
+    if accelerator.is_main_process:
+        torch.save({"loss": loss.item(), "grads": grads}, out)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

@@ -1,0 +1,94 @@
+import pytest
+import torch
+import torchvision
+
+from fasttrain.models import EncoderOutput, build_encoder
+
+
+def param_count(params):
+    return sum(p.numel() for p in params)
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_backbone_is_torchvisions_resnet_without_fc(arch):
+    reference = getattr(torchvision.models, arch)()
+    expected = param_count(p for n, p in reference.named_parameters() if not n.startswith("fc."))
+    model = build_encoder(arch, exits=["layer2"], exit_kind="same")
+    assert param_count(model.backbone_parameters()) == expected
+
+
+@pytest.mark.parametrize("kind", ["fc", "small", "same"])
+@pytest.mark.parametrize("exit_point", ["layer1", "layer2", "layer3"])
+def test_exit_shapes(kind, exit_point):
+    model = build_encoder("resnet18", stem="cifar", exits=[exit_point], exit_kind=kind, proj_dim=32, num_classes=7)
+    out = model(torch.randn(3, 3, 32, 32))
+    assert isinstance(out, EncoderOutput)
+    assert [tuple(f.shape) for f in out.features] == [(3, 512), (3, 512)]
+    assert [tuple(p.shape) for p in out.projections] == [(3, 32), (3, 32)]
+    assert tuple(out.logits.shape) == (3, 7)
+    norms = torch.stack([p.norm(dim=1) for p in out.projections])
+    assert torch.allclose(norms, torch.ones_like(norms), atol=1e-5)
+
+
+def test_sub_network_sizes_follow_their_kind():
+    sizes = {kind: param_count(build_encoder("resnet50", exits=["layer2"], exit_kind=kind).subnetworks.parameters())
+             for kind in ("fc", "small", "same")}
+    backbone_tail = param_count(build_encoder("resnet50", exits=[]).layer3.parameters()) + \
+        param_count(build_encoder("resnet50", exits=[]).layer4.parameters())
+    assert sizes["fc"] == 512 * 2048 + 2048  # pool + Linear(512 -> 2048)
+    assert sizes["same"] == backbone_tail  # an unshared copy of layer3 + layer4
+    assert sizes["fc"] < sizes["small"] < sizes["same"]
+
+
+def test_exits_come_first_backbone_last_and_several_exits():
+    model = build_encoder("resnet18", stem="cifar", exits=["layer3", "layer1"], exit_kind="fc")
+    assert model.exit_points == ("layer1", "layer3") and model.num_exits == 3
+    out = model(torch.randn(2, 3, 32, 32))
+    assert len(out.features) == 3
+    # the backbone's feature is the torchvision-style pooled layer4 output
+    with torch.no_grad():
+        x = model.stem(torch.randn(1, 3, 32, 32))
+    assert x.shape[1] == 64
+
+
+def test_imagenet_stem_downsamples_cifar_stem_does_not():
+    imagenet = build_encoder("resnet18", stem="imagenet", exits=[])
+    cifar = build_encoder("resnet18", stem="cifar", exits=[])
+    x = torch.randn(1, 3, 64, 64)
+    assert imagenet.stem(x).shape[-1] == 16 and cifar.stem(x).shape[-1] == 64
+
+
+def test_shared_trunk_runs_once():
+    model = build_encoder("resnet18", stem="cifar", exits=["layer1", "layer2"], exit_kind="fc")
+    calls = []
+    model.layer1.register_forward_hook(lambda *_: calls.append("layer1"))
+    model.layer2.register_forward_hook(lambda *_: calls.append("layer2"))
+    model(torch.randn(2, 3, 32, 32))
+    assert calls == ["layer1", "layer2"]
+
+
+def test_channels_last_and_bf16_autocast():
+    model = build_encoder("resnet18", stem="cifar", exits=["layer2"]).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 32, 32).to(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    assert out.features[-1].dtype == torch.bfloat16
+    eager = build_encoder("resnet18", stem="cifar", exits=["layer2"])
+    eager.load_state_dict(model.state_dict())
+    model.eval(), eager.eval()
+    with torch.no_grad():
+        a, b = model(x).projections[-1], eager(x.contiguous()).projections[-1]
+    assert torch.allclose(a, b, atol=1e-4)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(arch="resnet101"), "arch='resnet101'"),
+    (dict(arch="resnet18", exits=["layer4"]), "exits='layer4'"),
+    (dict(arch="resnet18", exit_kind="huge"), "exit_kind='huge'"),
+    (dict(arch="resnet18", proj_dim=0), "proj_dim=0"),
+    (dict(arch="resnet18", stem="tiny"), "stem='tiny'"),
+    (dict(arch="resnet18", num_classes=0), "num_classes=0"),
+])
+def test_bad_settings_raise_value_error_naming_them(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        build_encoder(**kwargs)

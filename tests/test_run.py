@@ -1,0 +1,171 @@
+"""The main job end to end: recipes, accelerate launch, processes, resume, bad input."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import REPO, make_image_folder
+
+PYTHON = sys.executable
+ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+
+def write_recipe(tmp_path, data, method="selfcon", **sections):
+    recipe = {
+        "method": method,
+        "model": {"arch": "resnet18", "stem": "cifar", "exits": ["layer2"], "proj_dim": 16},
+        "data": {"train": str(data / "train"), "val": str(data / "val"), "image_size": 16, "num_workers": 0},
+        "train": {"batch_size": 8, "precision": "bf16", "log_every": 1},
+        "schedule": {"epochs": 1, "warmup_epochs": 0},
+        "linear_eval": {"epochs": 1, "batch_size": 8},
+        "run": {"dir": str(tmp_path / "run")},
+    }
+    for key, value in sections.items():
+        recipe.setdefault(key, {}).update(value) if isinstance(value, dict) else recipe.update({key: value})
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    make_image_folder(root / "train", classes=3, per_class=8, size=(24, 20), corrupt=1)
+    make_image_folder(root / "val", classes=3, per_class=3, size=(24, 20), seed=1)
+    return root
+
+
+def launch(*args, accelerate=True, num_processes=1, check=True, timeout=600):
+    if accelerate:
+        extra = ["--multi_gpu", "--num_processes", str(num_processes)] if num_processes > 1 else ["--num_processes", "1"]
+        cmd = [ACCELERATE, "launch", "-q", "--cpu" if num_processes == 1 else "", *extra, *map(str, args)]
+        cmd = [c for c in cmd if c]
+    else:
+        cmd = [PYTHON, *map(str, args)]
+    env = {**ENV, "ACCELERATE_USE_CPU": "1"} if num_processes > 1 else ENV
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def read_results(tmp_path):
+    return json.loads((tmp_path / "run" / "results.json").read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["ce", "supcon", "supcon_s", "selfcon", "selfcon_m"])
+def test_each_method_trains_under_accelerate_launch(tmp_path, data, method):
+    recipe = write_recipe(tmp_path, data, method)
+    proc = launch("fasttrain/run.py", recipe)
+    results = read_results(tmp_path)
+    assert results["method"] == method and results["arch"] == "resnet18"
+    assert results["epochs"] == 1 and results["steps"] == 3  # 25 images (24 + 1 broken), batch 8, drop_last
+    assert results["images_per_second"] > 0 and results["peak_memory_bytes"] > 0
+    evaluation = results["linear_eval"]
+    assert evaluation["samples"] == 9
+    for name in ("backbone", "subnetwork", "ensemble"):
+        if method in ("selfcon", "selfcon_m") or name == "backbone":
+            assert 0 <= evaluation[name]["top1"] <= evaluation[name]["top5"] <= 100
+        else:
+            assert evaluation[name] is None
+    assert "backbone" in proc.stdout  # the printed table
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert (tmp_path / "run" / "checkpoint.pt").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["selfcon", "supcon"])
+def test_two_processes_match_one_process(tmp_path, method):
+    one, two = tmp_path / "one.pt", tmp_path / "two.pt"
+    launch("tests/dist_equivalence.py", method, one)
+    launch("tests/dist_equivalence.py", method, two, num_processes=2)
+    a, b = torch.load(one), torch.load(two)
+    assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    assert a["grads"].keys() == b["grads"].keys() and len(a["grads"]) > 10
+    for name, grad in a["grads"].items():
+        assert torch.allclose(grad, b["grads"][name], rtol=1e-4, atol=1e-6), name
+
+
+@pytest.mark.slow
+def test_resume_auto_continues_the_interrupted_run(tmp_path, data):
+    settings = dict(schedule={"epochs": 4, "warmup_epochs": 1}, linear_eval={"enabled": False})
+    reference_dir = tmp_path / "reference"
+    reference_dir.mkdir()
+    launch("fasttrain/run.py", write_recipe(reference_dir, data, **settings), accelerate=False)
+    reference = [json.loads(l) for l in (reference_dir / "run" / "metrics.jsonl").read_text().splitlines()]
+
+    recipe = write_recipe(tmp_path, data, **settings)
+    proc = subprocess.Popen([PYTHON, "fasttrain/run.py", str(recipe)], cwd=REPO, env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = tmp_path / "run" / "checkpoint.pt"
+    deadline = time.time() + 300
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    interrupted_at = torch.load(ckpt, weights_only=False)["epoch"]
+    assert interrupted_at < 4, "the run finished before it could be interrupted"
+
+    launch("fasttrain/run.py", recipe, accelerate=False)
+    results = read_results(tmp_path)
+    assert results["epochs"] == 4 and results["steps"] == reference[-1]["step"] == 12
+    rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    resumed = {r["step"]: r for r in rows}
+    for row in reference:  # the same lr at the same step: the schedule continued, no epoch lost
+        assert resumed[row["step"]]["lr"] == pytest.approx(row["lr"])
+    assert sorted(resumed) == list(range(1, 13))
+
+
+@pytest.mark.parametrize("override,names", [
+    ("train.log_evry=1", "train.log_evry: unknown key"),
+    ("train.batch_size=many", "train.batch_size"),
+    ("model.exits=[layer4]", "model.exits"),
+    ("method=simclr", "method"),
+])
+def test_bad_recipe_exits_nonzero_naming_the_key(tmp_path, data, override, names):
+    recipe = write_recipe(tmp_path, data)
+    proc = launch("fasttrain/run.py", recipe, override, accelerate=False, check=False)
+    assert proc.returncode == 2
+    assert names in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_missing_dataset_path_names_the_key(tmp_path, data):
+    recipe = write_recipe(tmp_path, data)
+    proc = launch("fasttrain/run.py", recipe, f"data.train={tmp_path / 'nowhere'}", accelerate=False, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "data.train: no such directory" in proc.stderr and "nowhere" in proc.stderr
+
+
+@pytest.mark.slow
+def test_bad_recipe_under_accelerate_launch(tmp_path, data):
+    proc = launch("fasttrain/run.py", write_recipe(tmp_path, data), "optim.nam=sgd", check=False)
+    assert proc.returncode != 0
+    assert "optim.nam: unknown key" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_corrupt_jpeg_is_skipped_and_counted(tmp_path, data):
+    # batch 5 divides the 25 files, so drop_last cannot hide the broken one
+    recipe = write_recipe(tmp_path, data, linear_eval={"enabled": False}, train={"batch_size": 5})
+    proc = launch("fasttrain/run.py", recipe, accelerate=False)
+    assert read_results(tmp_path)["skipped_images"] == 1
+    assert "broken_0.jpg" in proc.stderr
+
+
+def test_a_launch_whose_processes_are_not_one_group_is_refused(tmp_path, data):
+    recipe = write_recipe(tmp_path, data)
+    env = {**ENV, "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}
+    proc = subprocess.run([PYTHON, "fasttrain/run.py", str(recipe)], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2 and "WORLD_SIZE=2" in proc.stderr and "Traceback" not in proc.stderr
