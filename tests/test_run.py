@@ -163,9 +163,14 @@ def test_corrupt_jpeg_is_skipped_and_counted(tmp_path, data):
     assert "broken_0.jpg" in proc.stderr
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the failure mode is a machine without GPUs")
 def test_a_launch_whose_processes_are_not_one_group_is_refused(tmp_path, data):
+    # --multi_gpu without the CPU switch on a machine without GPUs starts two lone processes
     recipe = write_recipe(tmp_path, data)
-    env = {**ENV, "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}
-    proc = subprocess.run([PYTHON, "fasttrain/run.py", str(recipe)], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 2 and "WORLD_SIZE=2" in proc.stderr and "Traceback" not in proc.stderr
+    env = {k: v for k, v in ENV.items() if k != "ACCELERATE_USE_CPU"}
+    proc = subprocess.run([ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "fasttrain/run.py",
+                           str(recipe)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "fasttrain: error: WORLD_SIZE=2 but this process is alone in its group" in proc.stderr
+    assert not (tmp_path / "run" / "results.json").exists()

@@ -28,10 +28,13 @@ PRECISION = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}
 
 def make_accelerator(recipe: Recipe, *, log_with=("tensorboard",)) -> Accelerator:
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path.home() / ".cache" / "fasttrain" / "inductor"))
-    accelerator = Accelerator(mixed_precision=PRECISION[recipe.train.precision],
-                              gradient_accumulation_steps=recipe.train.grad_accum_steps,
-                              dynamo_backend="inductor" if recipe.train.compile else "no",
-                              log_with=list(log_with) or None, project_dir=str(recipe.run.dir))
+    try:
+        accelerator = Accelerator(mixed_precision=PRECISION[recipe.train.precision],
+                                  gradient_accumulation_steps=recipe.train.grad_accum_steps,
+                                  dynamo_backend="inductor" if recipe.train.compile else "no",
+                                  log_with=list(log_with) or None, project_dir=str(recipe.run.dir))
+    except ValueError as exc:  # e.g. env:// rendezvous without MASTER_ADDR: a launch problem
+        raise RecipeError(f"cannot start the process group: {exc}") from None
     expected = int(os.environ.get("WORLD_SIZE", "1"))
     if expected > 1 and accelerator.num_processes != expected:
         raise RecipeError(
