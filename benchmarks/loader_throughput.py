@@ -7,11 +7,12 @@ split with the contrastive augmentation (SupCon's crop, flip, colour jitter, gra
 --image-size, then --warmup batches (worker start-up, first decodes) are drawn and left out, and
 the next --batches batches are timed (the epoch restarts when it runs out). Batches land on the
 training device (GPU when there is one, where the clock stops only after a synchronize).
-images/s counts images, not crops: a two-view batch of B images holds 2B crops.
+images/s counts images, not crops: a two-view batch of B images holds 2B crops (torchvision
+decodes an image once and crops it twice; DALI and FFCV decode once per view).
 
-FFCV reads a .beton: --data is converted first with ``loaders.ffcv_convert.convert`` into --out
-(kept and reused while newer than the folder). A backend that cannot run here (not installed,
-LoaderError) is recorded as unavailable with the reason.
+FFCV reads a .beton: --data is converted first with ``loaders.ffcv_convert.convert`` into
+--beton-dir (kept, and reused by train_throughput, while newer than the folder). A backend that
+cannot run here (not installed, LoaderError, a crash) is recorded as unavailable with the reason.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from benchmarks.common import (atomic_write, bar_chart, environment, ffcv_datase
                                run_worker, summarize, training_device, write_json)
 
 BACKENDS = ("torchvision", "dali", "ffcv")
+CROP_SCALE = (0.2, 1.0)  # the contrastive crops of recipes/_imagenet.yaml (official SupCon/SelfCon)
 
 
 def parse_args(argv=None):
@@ -41,6 +43,8 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=1, help="batches drawn before timing")
     p.add_argument("--timeout", type=float, default=900, help="seconds allowed per measurement")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/loaders"))
+    p.add_argument("--beton-dir", type=Path, default=Path("benchmarks/results/tmp"),
+                   help="where --data is converted for ffcv (reused while newer than the folder; git-ignored)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--backend", help=argparse.SUPPRESS)
     p.add_argument("--source", type=Path, help=argparse.SUPPRESS)  # what the backend reads (.beton for ffcv)
@@ -72,7 +76,8 @@ def measure(args) -> dict:
     device = training_device()
     row = {"backend": args.backend, "num_views": args.num_views, "batch_size": args.batch_size,
            "workers": args.workers, "image_size": args.image_size, "device": str(device)}
-    cfg = DataConfig(train=args.source, image_size=args.image_size, num_workers=args.workers, augment="contrastive")
+    cfg = DataConfig(train=args.source, image_size=args.image_size, num_workers=args.workers, augment="contrastive",
+                     crop_scale=CROP_SCALE)
     req = LoaderRequest(split="train", batch_size=args.batch_size, augment="contrastive", num_views=args.num_views,
                         device=device, seed=0)
     start = time.perf_counter()
@@ -160,8 +165,9 @@ def table(rows: list[dict], args) -> str:
     device = next((r["device"] for r in rows if r.get("device")), "?")
     title = (f"Loader throughput on {args.data} ({next((r['dataset_images'] for r in rows if r.get('available')), '?')}"
              f" images per epoch), contrastive augmentation, {args.image_size}px crops, batch {args.batch_size}, "
-             f"{args.workers} workers, device {device}; {args.warmup} warm-up batch(es) left out, {args.batches} timed. "
-             f"images/s counts images (a 2-view batch decodes each image once and crops it twice); "
+             f"{args.workers} workers, device {device}; {args.warmup} warm-up batch(es) left out, "
+             f"{args.batches} timed. "
+             f"images/s counts images (a 2-view batch holds two crops of each); "
              f"'batch' is the median (± IQR) time per batch.")
     return title + "\n\n" + markdown_table(header, body) + "\n"
 
@@ -177,7 +183,7 @@ def main(argv=None) -> int:
         source, conversion = args.data, None
         if backend == "ffcv":
             try:
-                source, conversion = ffcv_dataset(args.data, args.out)
+                source, conversion = ffcv_dataset(args.data, args.beton_dir)
             except ImportError as exc:
                 reason = f"loaders.ffcv_convert: {exc}"
                 rows += [{"backend": backend, "num_views": v, "available": False, "reason": reason} for v in args.views]

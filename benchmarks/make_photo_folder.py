@@ -41,16 +41,17 @@ ROOTS = (Path("/usr/share/backgrounds"), Path("/usr/share/wallpapers"))
 MIN_ENTROPY = 6.0  # bits of the 256-level luminance histogram
 MIN_DETAIL = 0.04  # fraction of pixels off their 3x3 mean by more than 2 grey levels
 DUPLICATE_BITS = 6  # average-hash Hamming distance that counts as the same picture
+EXTENSIONS = (".jpg", ".jpeg", ".png", ".svg", ".svgz")
 
 
-def candidates(roots=ROOTS) -> list[Path]:
+def candidates(roots=None) -> list[Path]:
     """Every wallpaper file, one per Plasma wallpaper (its largest), symbolic links and screenshots left out."""
     found = []
-    for root in roots:
+    for root in ROOTS if roots is None else roots:
         if not root.is_dir():
             continue
         for path in sorted(root.rglob("*")):
-            if path.is_symlink() or not path.is_file() or path.suffix.lower() not in (".jpg", ".jpeg", ".png", ".svg", ".svgz"):
+            if path.is_symlink() or not path.is_file() or path.suffix.lower() not in EXTENSIONS:
                 continue
             if path.stem.startswith("screenshot") or path.parent.name == "images_dark":
                 continue  # a preview, or the same wallpaper's dark variant

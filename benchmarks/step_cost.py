@@ -229,8 +229,12 @@ def table(rows: list[dict], args) -> str:
     title = (f"Step cost, {args.arch}, batch {args.batch_size} images of {args.image_size}px, {args.precision}"
              f"{', channels_last' if args.channels_last else ''}{', compiled' if args.compile else ''}, "
              f"device {device}; {steps}. Ratios to SelfCon; paper: Table 2, ImageNet (batch 1024 on 8 GPUs). "
-             f"Memory: {kind}." + (" CPU s: process CPU time per step (all threads), less sensitive than "
-                                   "wall time to other work on the machine." if cpu else ""))
+             f"Memory: {kind}")
+    if args.compile and device == "cpu":
+        title += " (includes compilation, which happens in the warm-up)"
+    title += "."
+    if cpu:
+        title += " CPU s: process CPU time per step (all threads), less sensitive than wall time to other work."
     return title + "\n\n" + markdown_table(header, body) + "\n"
 
 

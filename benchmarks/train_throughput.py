@@ -42,6 +42,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads of the training process")
     p.add_argument("--timeout", type=float, default=1200, help="seconds allowed per backend")
     p.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/train_throughput_<arch>")
+    p.add_argument("--beton-dir", type=Path, default=Path("benchmarks/results/tmp"),
+                   help="where --data is converted for ffcv (reused while newer than the folder; git-ignored)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--backend", help=argparse.SUPPRESS)
     p.add_argument("--source", type=Path, help=argparse.SUPPRESS)  # what the backend reads (.beton for ffcv)
@@ -80,7 +82,7 @@ def measure(args) -> dict:
         recipe = recipe_for({
             "method": args.method, "loader": args.backend, "model": {"arch": args.arch, "exits": ["layer2"]},
             "data": {"train": None if synthetic else str(args.source), "image_size": args.image_size,
-                     "num_workers": args.workers, "augment": "contrastive",
+                     "num_workers": args.workers, "augment": "contrastive", "crop_scale": [0.2, 1.0],
                      # synthetic: as many classes as the folder, enough samples for every step
                      **({"num_classes": args.num_classes, "synthetic_samples": args.batch_size * args.steps}
                         if synthetic else {})},
@@ -148,7 +150,7 @@ def main(argv=None) -> int:
         source, conversion = args.data, None
         if backend == "ffcv":
             try:
-                source, conversion = ffcv_dataset(args.data, args.out)
+                source, conversion = ffcv_dataset(args.data, args.beton_dir)
             except Exception as exc:  # not there yet, or the conversion failed: this backend only
                 reason = f"ffcv conversion: {type(exc).__name__}: {exc}".splitlines()[0]
                 rows.append({"backend": backend, "available": False, "reason": reason})

@@ -219,7 +219,7 @@ def main(argv=None) -> int:
     except ConvertInputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except RuntimeError as exc:
+    except (RuntimeError, OSError) as exc:  # a worker died, --verify failed, disk full, no permission
         print(f"error: conversion failed, nothing written to {a.out}: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -11,19 +11,23 @@ Colour and normalisation. ``contrastive`` adds the official ColorJitter(0.4, 0.4
 RandomGrayscale p=0.2 as torch ops on the whole device batch (``color_augment``: torchvision's maths,
 a per-sample draw of factors and op order, no loop over samples), on values in [0, 1] after
 ToTensor/ToDevice/ToTorchImage, then ``(x - mean) / std``. Without colour augmentation on CPU,
-ffcv's ``NormalizeImage`` runs in the numba stage *before* ToTensor (placed after it, it makes
-``Loader()`` hang without CUDA). On CUDA the uint8 batch goes to the device and is normalised there
-by the same torch code: ffcv's GPU ``NormalizeImage`` needs cupy, which this project does not install.
+ffcv's ``NormalizeImage`` runs in the numba stage *before* ToTensor (placed after it on CPU,
+``Loader()`` never returns: ffcv 1.0.2's ``Graph.group_operations`` loops for ever). On CUDA the
+uint8 batch goes to the device and is normalised there by the same torch code: ffcv's GPU
+``NormalizeImage`` needs cupy, which this project does not install.
 
 Distributed. Training passes ``distributed=True``: ffcv then builds a torch ``DistributedSampler``
 (rank and world size from ``torch.distributed``, ``drop_last=False``: it pads); QUASI_RANDOM is not
 implemented there, so RANDOM is used. Validation does not use ffcv's distributed mode (its padding
 would count samples twice): each process reads ``loaders.shard`` of the file in SEQUENTIAL order.
 
-Noise. numba 0.6x registers a ``weakref.finalize`` per dispatcher (numba/core/dispatcher.py,
-``_make_finalizer.<locals>.finalizer``); for ffcv's jitted ``imdecode`` wrappers, iterating the dead
-dispatcher's ``overloads`` raises KeyError, printed as ``Exception ignored in: <finalize ...>``. A
-``sys.unraisablehook`` filter drops exactly those (KeyError, innermost frame that finalizer).
+Noise. ``Exception ignored in: <finalize ...> KeyError: (Array(uint8 ...`` comes from numba's
+per-dispatcher ``weakref.finalize`` (numba/core/dispatcher.py, ``_make_finalizer.<locals>.finalizer``)
+iterating a dead dispatcher's ``overloads`` dict. The cause is ffcv 1.0.2's
+``OSCacheManager.state_type`` (and ProcessCacheManager's), which sets ``.mutable = False`` on numba's
+shared, interned ``uint8[::1]`` type at every ``Loader()``: the hash of signature keys that hold it
+changes, so those dicts can no longer find them. A ``sys.unraisablehook`` filter drops exactly those
+reports (KeyError, innermost frame that finalizer); all else reaches the previous hook.
 """
 from __future__ import annotations
 
@@ -193,7 +197,9 @@ class FFCVLoader:
             order = OrderOption.QUASI_RANDOM if cfg.ffcv.order == "quasi_random" else OrderOption.RANDOM
             if world > 1:
                 self._check_process_group(key)
-                distributed, order = True, OrderOption.RANDOM  # ffcv 1.0.2: no distributed QUASI_RANDOM
+                if order == OrderOption.QUASI_RANDOM:
+                    log.info("%s: ffcv 1.0.2 has no distributed QUASI_RANDOM order; using RANDOM", key)
+                distributed, order = True, OrderOption.RANDOM
         else:
             order = OrderOption.SEQUENTIAL
             indices = np.asarray(shard(int(reader.num_samples), req.rank, world), dtype=np.int64)

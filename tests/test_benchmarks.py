@@ -1,0 +1,122 @@
+"""The benchmarks in tiny configurations: they run, and write complete results. No timing is asserted."""
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks import loader_throughput, make_photo_folder, step_cost, train_throughput
+from conftest import make_image_folder  # noqa: E402
+
+
+def _positive(row: dict, keys):
+    for key in keys:
+        assert key in row, f"{key} missing from {sorted(row)}"
+        assert row[key] is not None and row[key] > 0, f"{key}={row[key]!r}"
+
+
+def _outputs(folder: Path, stem: str) -> dict:
+    for suffix in ("json", "md", "png"):
+        assert (folder / f"{stem}.{suffix}").stat().st_size > 0, f"{stem}.{suffix}"
+    return json.loads((folder / f"{stem}.json").read_text())
+
+
+@pytest.mark.slow
+def test_step_cost_tiny(tmp_path, capsys):
+    out = tmp_path / "step_cost"
+    rc = step_cost.main(["--arch", "resnet18", "--batch-size", "4", "--image-size", "32", "--warmup", "1",
+                         "--steps", "2", "--methods", "ce,supcon,selfcon", "--threads", "1", "--out", str(out)])
+    assert rc == 0
+    data = _outputs(out, "step_cost")
+    assert [r["method"] for r in data["methods"]] == ["ce", "supcon", "selfcon"]
+    for row in data["methods"]:
+        _positive(row, ["num_views", "step_time_median_s", "images_per_second", "peak_memory_bytes",
+                        "batch_size", "image_size", "memory_ratio_to_selfcon", "time_ratio_to_selfcon",
+                        "cpu_time_ratio_to_selfcon", "parameters"])
+        assert row["step_time_iqr_s"] >= 0 and len(row["step_times_s"]) == 2
+        assert row["memory_kind"] and row["device"] == "cpu" and row["arch"] == "resnet18"
+        assert row["precision"] == "bf16" and isinstance(row["uses_subnetwork"], bool)
+    ce, supcon, selfcon = data["methods"]
+    assert ce["paper_time_ratio"] is None and ce["memory_ratio_to_selfcon"] > 0
+    _positive(supcon, ["paper_memory_ratio", "paper_time_ratio"])
+    assert (supcon["num_views"], supcon["uses_subnetwork"]) == (2, False)
+    assert (selfcon["num_views"], selfcon["uses_subnetwork"]) == (1, True)
+    assert selfcon["time_ratio_to_selfcon"] == 1.0 and supcon["paper_time_ratio"] == 2.2
+    table = (out / "step_cost.md").read_text()
+    assert "| SupCon |" in table and "×2.2" in table and table in capsys.readouterr().out
+
+
+def test_photo_folder_from_wallpapers(tmp_path):
+    if not make_photo_folder.candidates():
+        pytest.skip("no wallpaper packages installed")
+    out = tmp_path / "photos"
+    assert make_photo_folder.main([str(out), "--classes", "2", "--per-class", "3", "--seed", "1"]) == 0
+    files = sorted(out.rglob("*.jpg"))
+    assert len(files) == 6 and sorted(p.name for p in out.iterdir() if p.is_dir()) == ["class_00", "class_01"]
+    from PIL import Image
+    for path in files:
+        with Image.open(path) as image:
+            assert (image.format, image.size) == ("JPEG", (500, 375))
+    manifest = json.loads((out / "sources.json").read_text())
+    assert all(len(v) == 3 for v in manifest["classes"].values())
+    assert make_photo_folder.main([str(out), "--classes", "2", "--per-class", "3"]) == 2  # no overwrite
+
+
+def test_photo_folder_without_packages(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(make_photo_folder, "ROOTS", (tmp_path / "nothing",))
+    assert make_photo_folder.main([str(tmp_path / "out")]) == 2
+    assert "apt-get install lomiri-wallpapers-16.04" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_loader_throughput_tiny(tmp_path):
+    data = make_image_folder(tmp_path / "images", classes=2, per_class=8, size=(80, 60))
+    out = tmp_path / "loaders"
+    rc = loader_throughput.main(["--data", str(data), "--backends", "torchvision", "--views", "1,2",
+                                 "--workers", "0", "--batch-size", "4", "--image-size", "32", "--batches", "2",
+                                 "--out", str(out)])
+    assert rc == 0
+    results = _outputs(out, "loader_throughput")["results"]
+    assert [(r["backend"], r["num_views"]) for r in results] == [("torchvision", 1), ("torchvision", 2)]
+    for row in results:
+        assert row["available"] is True
+        _positive(row, ["images_per_second", "crops_per_second", "batch_time_median_s", "batch_size",
+                        "image_size", "timed_batches", "build_seconds", "dataset_images"])
+        assert row["view_shape"] == [4, 3, 32, 32]
+    assert results[1]["crops_per_second"] == pytest.approx(2 * results[1]["images_per_second"])
+
+
+def test_loader_throughput_records_an_unavailable_backend(tmp_path):
+    data = make_image_folder(tmp_path / "images", classes=2, per_class=4)
+    args = loader_throughput.parse_args(["--data", str(data), "--worker", "--backend", "nosuch", "--source",
+                                         str(data), "--num-views", "1"])
+    row = loader_throughput.measure(args)
+    assert row["available"] is False and "nosuch" in row["reason"]
+
+
+@pytest.mark.slow
+def test_train_throughput_tiny(tmp_path):
+    data = make_image_folder(tmp_path / "images", classes=2, per_class=8, size=(80, 60))
+    out = tmp_path / "train"
+    rc = train_throughput.main(["--data", str(data), "--arch", "resnet18", "--backends", "synthetic,torchvision",
+                                "--batch-size", "4", "--image-size", "32", "--steps", "3", "--workers", "0",
+                                "--threads", "1", "--out", str(out)])
+    assert rc == 0
+    results = _outputs(out, "train_throughput")["results"]
+    assert [r["backend"] for r in results] == ["synthetic", "torchvision"]
+    for row in results:
+        assert row["available"] is True and row["memory_kind"]
+        _positive(row, ["images_per_second", "ratio_to_synthetic", "updates", "batch_size", "steps",
+                        "train_wall_seconds"])
+        assert row["peak_memory_bytes"] >= 0
+    assert results[0]["ratio_to_synthetic"] == 1.0
+
+
+def test_step_cost_pools_rounds():
+    def run(times, peak):
+        return {"method": "selfcon", "step_times_s": times, "step_time_median_s": sorted(times)[1],
+                "images_per_second": 8 / sorted(times)[1], "peak_memory_bytes": peak, "load_average": [1.0, 1.0],
+                "step_cpu_times_s": times}
+    row = step_cost.merge([run([1.0, 2.0, 3.0], 100), run([4.0, 5.0, 6.0], 300)])
+    assert row["step_time_median_s"] == 3.5 and row["peak_memory_bytes"] == 300 and row["rounds"] == 2
+    assert row["images_per_second"] == pytest.approx(8 / 3.5) and row["step_cpu_time_median_s"] == 3.5
+    assert "error" in step_cost.merge([run([1.0, 2.0, 3.0], 1), {"method": "selfcon", "error": "boom"}])
