@@ -57,6 +57,12 @@ def run_worker(module: str, args: Sequence[str], *, timeout: Optional[float] = N
         return {"error": f"exit status {proc.returncode}: " + " | ".join(tail)}
 
 
+def worker_row(module: str, args: Sequence[str], *, timeout: Optional[float] = None) -> dict:
+    """``run_worker``'s result as a table row: a failed worker is an unavailable row with its reason."""
+    row = run_worker(module, args, timeout=timeout)
+    return {"available": False, "reason": row["error"][:300]} if "error" in row else row
+
+
 def environment() -> dict:
     import torch
 
@@ -163,3 +169,15 @@ def ffcv_dataset(data_dir: Path, out_dir: Path) -> tuple[Path, Optional[float]]:
     start = time.perf_counter()
     convert(data_dir, beton)
     return beton, time.perf_counter() - start
+
+
+def backend_source(backend: str, data_dir: Path, beton_dir: Path) -> tuple[Path, Optional[float], Optional[str]]:
+    """What a backend reads: the folder, or for ffcv the folder converted once to a .beton.
+    Returns (source, seconds spent converting or None, reason it is unavailable or None)."""
+    if backend != "ffcv":
+        return data_dir, None, None
+    try:
+        source, seconds = ffcv_dataset(data_dir, beton_dir)
+    except Exception as exc:  # not installed, or the conversion failed: this backend only, not the run
+        return data_dir, None, f"ffcv conversion: {type(exc).__name__}: {exc}".splitlines()[0]
+    return source, seconds, None

@@ -24,8 +24,8 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import (atomic_write, bar_chart, environment, ffcv_dataset, markdown_table,  # noqa: E402
-                               run_worker, summarize, training_device, write_json)
+from benchmarks.common import (atomic_write, backend_source, bar_chart, environment, markdown_table,  # noqa: E402
+                               summarize, training_device, worker_row, write_json)
 
 BACKENDS = ("torchvision", "dali", "ffcv")
 CROP_SCALE = (0.2, 1.0)  # the contrastive crops of recipes/_imagenet.yaml (official SupCon/SelfCon)
@@ -180,25 +180,14 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for backend in args.backends:
-        source, conversion = args.data, None
-        if backend == "ffcv":
-            try:
-                source, conversion = ffcv_dataset(args.data, args.beton_dir)
-            except ImportError as exc:
-                reason = f"loaders.ffcv_convert: {exc}"
-                rows += [{"backend": backend, "num_views": v, "available": False, "reason": reason} for v in args.views]
-                print(f"[loaders] ffcv: unavailable ({reason})", flush=True)
-                continue
-            except Exception as exc:  # a conversion failure is this backend's failure, not the run's
-                reason = f"conversion failed: {type(exc).__name__}: {exc}".splitlines()[0]
-                rows += [{"backend": backend, "num_views": v, "available": False, "reason": reason} for v in args.views]
-                print(f"[loaders] ffcv: unavailable ({reason})", flush=True)
-                continue
+        source, conversion, reason = backend_source(backend, args.data, args.beton_dir)
+        if reason:
+            rows += [{"backend": backend, "num_views": v, "available": False, "reason": reason} for v in args.views]
+            print(f"[loaders] {backend}: unavailable ({reason})", flush=True)
+            continue
         for views in args.views:
-            row = run_worker("benchmarks.loader_throughput", worker_args(args, backend, source, views),
+            row = worker_row("benchmarks.loader_throughput", worker_args(args, backend, source, views),
                              timeout=args.timeout)
-            if "error" in row:
-                row = {"available": False, "reason": row["error"][:300]}
             row.update(backend=backend, num_views=views, conversion_seconds=conversion)
             rows.append(row)
             if row["available"]:

@@ -20,8 +20,8 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import (atomic_write, bar_chart, environment, ffcv_dataset, markdown_table,  # noqa: E402
-                               recipe_for, run_worker, write_json)
+from benchmarks.common import (atomic_write, backend_source, bar_chart, environment, markdown_table,  # noqa: E402
+                               recipe_for, worker_row, write_json)
 
 BACKENDS = ("synthetic", "torchvision", "dali", "ffcv")
 
@@ -147,20 +147,14 @@ def main(argv=None) -> int:
     classes = num_classes(args.data)
     rows = []
     for backend in args.backends:
-        source, conversion = args.data, None
-        if backend == "ffcv":
-            try:
-                source, conversion = ffcv_dataset(args.data, args.beton_dir)
-            except Exception as exc:  # not there yet, or the conversion failed: this backend only
-                reason = f"ffcv conversion: {type(exc).__name__}: {exc}".splitlines()[0]
-                rows.append({"backend": backend, "available": False, "reason": reason})
-                print(f"[train_throughput] ffcv: unavailable ({reason})", flush=True)
-                continue
+        source, conversion, reason = backend_source(backend, args.data, args.beton_dir)
+        if reason:
+            rows.append({"backend": backend, "available": False, "reason": reason})
+            print(f"[train_throughput] {backend}: unavailable ({reason})", flush=True)
+            continue
         started = time.perf_counter()
-        row = run_worker("benchmarks.train_throughput", worker_args(args, backend, source, classes),
+        row = worker_row("benchmarks.train_throughput", worker_args(args, backend, source, classes),
                          timeout=args.timeout)
-        if "error" in row:
-            row = {"available": False, "reason": row["error"][:300]}
         row.update(backend=backend, conversion_seconds=conversion)
         rows.append(row)
         if row["available"]:

@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
@@ -26,7 +25,7 @@ def main(argv=None) -> int:
     parser.add_argument("recipe", help="recipe YAML file (recipes/*.yaml)")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.batch_size=256")
     parser.add_argument("--eval-only", metavar="CHECKPOINT", help="skip pretraining: linear-evaluate a checkpoint")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated.*")
     try:
@@ -90,7 +89,8 @@ def run(recipe: Recipe, eval_only: str | None = None) -> dict | None:
     accelerator.end_training()
     if not accelerator.is_main_process:
         return None
-    write_results(Path(recipe.run.dir) / "results.json", results)
+    # an evaluation of an existing checkpoint must not overwrite the results of its pretraining
+    write_results(Path(recipe.run.dir) / ("linear_eval.json" if eval_only else "results.json"), results)
     return results
 
 
@@ -100,12 +100,13 @@ def _num_classes(state: dict):
 
 
 def format_table(results: dict) -> str:
-    lines = [f"{results['method']} / {results['arch']}: {results['epochs']} epochs, {results['steps']} steps, "
-             f"{results['images_per_second'] or 0:.1f} img/s, peak memory "
-             f"{(results['peak_memory_bytes'] or 0) / 2**20:.0f} MiB ({results['peak_memory_kind']})"]
+    lines = [f"{results['method']} / {results['arch']}: {results['epochs']} epochs, {results['steps']} steps"]
+    if results["images_per_second"] is not None:
+        lines[0] += (f", {results['images_per_second']:.1f} img/s, peak memory "
+                     f"{results['peak_memory_bytes'] / 2**20:.0f} MiB ({results['peak_memory_kind']})")
     evaluation = results.get("linear_eval")
     if evaluation:
-        lines += ["", f"| classifier  | top-1 (%) | top-5 (%) |", "|-------------|-----------|-----------|"]
+        lines += ["", "| classifier  | top-1 (%) | top-5 (%) |", "|-------------|-----------|-----------|"]
         for name in ("backbone", "subnetwork", "ensemble"):
             if evaluation.get(name):
                 lines.append(f"| {name:<11} | {evaluation[name]['top1']:9.2f} | {evaluation[name]['top5']:9.2f} |")

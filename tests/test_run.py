@@ -174,3 +174,36 @@ def test_a_launch_whose_processes_are_not_one_group_is_refused(tmp_path, data):
     assert proc.returncode != 0
     assert "fasttrain: error: WORLD_SIZE=2 but this process is alone in its group" in proc.stderr
     assert not (tmp_path / "run" / "results.json").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["dali", "ffcv"])
+def test_loader_backend_trains_under_accelerate_launch(tmp_path, data, backend):
+    pytest.importorskip({"dali": "nvidia.dali", "ffcv": "ffcv"}[backend])
+    paths = {}
+    if backend == "ffcv":
+        from loaders.ffcv_convert import convert
+        for split in ("train", "val"):
+            paths[split] = tmp_path / f"{split}.beton"
+            convert(data / split, paths[split], write_mode="jpg", num_workers=1)
+    recipe = write_recipe(tmp_path, data, "selfcon", loader=backend,
+                          data={**{k: str(v) for k, v in paths.items()}, "num_workers": 1})
+    launch("fasttrain/run.py", recipe)
+    results = read_results(tmp_path)
+    assert results["loader"] == backend
+    assert results["steps"] == 3  # the broken file is excluded up front: 24 images, batch 8
+    assert results["linear_eval"]["samples"] == 9
+    assert 0 <= results["linear_eval"]["ensemble"]["top1"] <= 100
+
+
+@pytest.mark.slow
+def test_eval_only_evaluates_a_checkpoint_without_touching_its_results(tmp_path, data):
+    recipe = write_recipe(tmp_path, data, linear_eval={"enabled": False})
+    launch("fasttrain/run.py", recipe, accelerate=False)
+    before = (tmp_path / "run" / "results.json").read_text()
+    proc = launch("fasttrain/run.py", recipe, "--eval-only", tmp_path / "run" / "checkpoint.pt",
+                  "linear_eval.enabled=true", accelerate=False)
+    assert (tmp_path / "run" / "results.json").read_text() == before
+    evaluation = json.loads((tmp_path / "run" / "linear_eval.json").read_text())["linear_eval"]
+    assert evaluation["samples"] == 9 and evaluation["subnetwork"] is not None
+    assert "ensemble" in proc.stdout

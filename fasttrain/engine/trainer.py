@@ -20,7 +20,7 @@ from fasttrain.engine.optim import build_optimizer, lr_factor, set_lr
 from fasttrain.methods import Method, Objective, get_method
 from fasttrain.models import MultiExitResNet, build_encoder
 from fasttrain.recipe import Recipe, RecipeError, dump_recipe
-from loaders import Loader, LoaderRequest, build_loader
+from loaders import LoaderRequest, build_loader
 
 log = logging.getLogger("fasttrain")
 PRECISION = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}
@@ -210,6 +210,7 @@ def _resume(recipe: Recipe, model, optimizer, accelerator: Accelerator) -> tuple
 
 
 def write_results(path: Path, results: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(results, indent=2) + "\n")
     os.replace(tmp, path)

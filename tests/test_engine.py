@@ -1,0 +1,65 @@
+import math
+
+import pytest
+import torch
+
+from fasttrain.engine.optim import build_optimizer, lr_factor, set_lr
+from fasttrain.engine.trainer import TrainStep, build_model, build_objective, make_accelerator
+from fasttrain.methods import get_method
+from fasttrain.recipe import OptimConfig, Recipe
+
+
+def small_recipe(tmp_path, **train):
+    return Recipe.model_validate({"method": "selfcon", "model": {"arch": "resnet18", "stem": "cifar", "proj_dim": 8},
+                                  "train": {"precision": "fp32", "channels_last": False, **train},
+                                  "run": {"dir": str(tmp_path)}})
+
+
+def test_warmup_then_cosine_to_the_final_ratio():
+    total, warmup, final = 100, 10, 1e-3
+    factors = [lr_factor(u, total, warmup, final) for u in range(total)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert all(a <= b for a, b in zip(factors[:10], factors[1:10]))  # rising during warm-up
+    assert all(a >= b for a, b in zip(factors[10:], factors[11:]))  # then falling
+    assert factors[55] == pytest.approx(final + (1 - final) * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert lr_factor(total, total, warmup, final) == pytest.approx(final)
+
+
+@pytest.mark.parametrize("name", ["sgd", "lars"])
+def test_batchnorm_and_bias_excluded_from_weight_decay(name):
+    model = build_model(Recipe(method="supcon", model={"arch": "resnet18"}), get_method("supcon"), 10)
+    optimizer = build_optimizer(model, OptimConfig(name=name, weight_decay=1e-4))
+    decay = {id(p) for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    for param_name, param in model.named_parameters():
+        assert (id(param) in decay) == (param.ndim > 1), param_name
+    if name == "lars":  # timm's LARS adapts only groups with weight decay unless always_adapt
+        assert not any(g["always_adapt"] for g in optimizer.param_groups)
+    everything = build_optimizer(model, OptimConfig(name=name, exclude_bn_bias=False))
+    assert all(g["weight_decay"] > 0 for g in everything.param_groups)
+    set_lr(optimizer, 0.5)
+    assert all(g["lr"] == pytest.approx(0.25) for g in optimizer.param_groups)  # base lr 0.5 x 0.5
+
+
+def test_gradient_accumulation_steps_the_optimizer_every_k_micro_steps(tmp_path):
+    recipe = small_recipe(tmp_path, grad_accum_steps=2, batch_size=8)
+    accelerator = make_accelerator(recipe, log_with=())
+    method = get_method("selfcon")
+    model = build_model(recipe, method, 3)
+    optimizer = build_optimizer(model, recipe.optim)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    step = TrainStep(accelerator, model, build_objective(recipe, method), optimizer, total_updates=10,
+                     warmup_updates=0, final_lr_ratio=1e-3)
+    before = [p.detach().clone() for p in model.parameters()]
+    views, labels = (torch.randn(4, 3, 16, 16),), torch.tensor([0, 0, 1, 1])
+    step(views, labels)
+    assert step.updates == 0 and all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    step(views, labels)
+    assert step.updates == 1 and not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_fp16_on_cpu_is_refused_with_the_key(tmp_path):
+    from fasttrain.recipe import RecipeError
+    if torch.cuda.is_available():
+        pytest.skip("fp16 is allowed on a GPU")
+    with pytest.raises(RecipeError, match="train.precision=fp16"):
+        make_accelerator(small_recipe(tmp_path, precision="fp16"), log_with=())
