@@ -18,11 +18,12 @@ ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 
 
-def write_recipe(tmp_path, data, method="selfcon", **sections):
+def write_recipe(tmp_path, data_root, method="selfcon", **sections):
     recipe = {
         "method": method,
         "model": {"arch": "resnet18", "stem": "cifar", "exits": ["layer2"], "proj_dim": 16},
-        "data": {"train": str(data / "train"), "val": str(data / "val"), "image_size": 16, "num_workers": 0},
+        "data": {"train": str(data_root / "train"), "val": str(data_root / "val"), "image_size": 16,
+                 "num_workers": 0},
         "train": {"batch_size": 8, "precision": "bf16", "log_every": 1},
         "schedule": {"epochs": 1, "warmup_epochs": 0},
         "linear_eval": {"epochs": 1, "batch_size": 8},

@@ -28,6 +28,8 @@ PRECISION = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}
 
 def make_accelerator(recipe: Recipe, *, log_with=("tensorboard",)) -> Accelerator:
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path.home() / ".cache" / "fasttrain" / "inductor"))
+    if recipe.train.precision == "fp16" and not torch.cuda.is_available():
+        raise RecipeError("train.precision=fp16: needs a GPU (use bf16 or fp32 on CPU)")
     try:
         accelerator = Accelerator(mixed_precision=PRECISION[recipe.train.precision],
                                   gradient_accumulation_steps=recipe.train.grad_accum_steps,
@@ -41,8 +43,6 @@ def make_accelerator(recipe: Recipe, *, log_with=("tensorboard",)) -> Accelerato
             f"WORLD_SIZE={expected} but this process is alone in its group (num_processes="
             f"{accelerator.num_processes}): the launch did not form one process group. On a machine "
             f"without GPUs use `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N`")
-    if recipe.train.precision == "fp16" and accelerator.device.type != "cuda":
-        raise RecipeError("train.precision=fp16: needs a GPU (use bf16 or fp32 on CPU)")
     return accelerator
 
 
