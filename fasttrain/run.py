@@ -60,15 +60,11 @@ def run(recipe: Recipe, eval_only: str | None = None) -> dict | None:
         model.load_state_dict(state["model"])
         model.to(accelerator.device)
         trained = None
-        num_classes = model.classifier.out_features if model.classifier is not None else None
     else:
         trained = train(recipe, accelerator)
-        model, method, num_classes = trained.model, trained.method, trained.num_classes
+        model, method = trained.model, trained.method
     if method.contrastive and recipe.linear_eval.enabled:
-        if num_classes is None:
-            from fasttrain.engine.linear_eval import _loader
-            num_classes = _loader(recipe, accelerator, "val", "center").num_classes
-        evaluation = linear_eval(recipe, accelerator, model, num_classes)
+        evaluation = linear_eval(recipe, accelerator, model)
     elif not method.contrastive:
         evaluation = classifier_eval(recipe, accelerator, model)
     else:

@@ -17,9 +17,14 @@ if [ -n "$missing" ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq $missing >/dev/null
 fi
 
+pip_install() {  # quiet, less the machine's notes about local index folders that do not exist
+  .venv/bin/python -m pip install -q "$@" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+  return "${PIPESTATUS[0]}"
+}
+
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip wheel setuptools
+pip_install --upgrade pip wheel setuptools
 # torch first and pinned: ffcv's build and every extra must see this exact build.
-.venv/bin/python -m pip install -q torch==2.14.1 torchvision==0.29.1
-.venv/bin/python -m pip install -q -e ".[$EXTRAS]"
+pip_install torch==2.14.1 torchvision==0.29.1
+pip_install -e ".[$EXTRAS]"
 echo "[bootstrap] ready: $(.venv/bin/python -c 'import torch, torchvision; print("torch", torch.__version__, "torchvision", torchvision.__version__)')"

@@ -81,11 +81,11 @@ def classifier_eval(recipe: Recipe, accelerator: Accelerator, model: MultiExitRe
     return evaluate(logits, _loader(recipe, accelerator, "val", "center"), accelerator, ["backbone"])
 
 
-def linear_eval(recipe: Recipe, accelerator: Accelerator, encoder: MultiExitResNet, num_classes: int) -> dict:
+def linear_eval(recipe: Recipe, accelerator: Accelerator, encoder: MultiExitResNet) -> dict:
     cfg = recipe.linear_eval
     encoder.eval().requires_grad_(False)
     train = _loader(recipe, accelerator, "train", "center" if cfg.cache_features else "basic")
-    classifiers = ExitClassifiers(encoder.num_exits, encoder.feature_dim, num_classes).to(accelerator.device)
+    classifiers = ExitClassifiers(encoder.num_exits, encoder.feature_dim, train.num_classes).to(accelerator.device)
     optimizer = torch.optim.SGD(classifiers.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay)
     for group in optimizer.param_groups:

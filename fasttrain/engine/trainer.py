@@ -94,7 +94,6 @@ class TrainStep:
 class TrainResult:
     model: torch.nn.Module
     method: Method
-    num_classes: int
     epochs: int
     updates: int
     images_per_second: Optional[float]
@@ -163,7 +162,7 @@ def train(recipe: Recipe, accelerator: Accelerator) -> TrainResult:
         if epoch + 1 == recipe.schedule.epochs or (epoch + 1) % recipe.run.checkpoint_every == 0:
             _save(recipe, accelerator, model, optimizer, epoch + 1, step.updates)
     accelerator.wait_for_everyone()
-    return TrainResult(accelerator.unwrap_model(model), method, loader.num_classes, recipe.schedule.epochs,
+    return TrainResult(accelerator.unwrap_model(model), method, recipe.schedule.epochs,
                        step.updates, speed.images_per_second, memory.peak_bytes(), memory.kind,
                        len(loader.skipped))
 
