@@ -26,8 +26,14 @@ from queue import Empty
 from typing import Optional
 
 import numpy as np
+import torch
 from PIL import Image
 from tqdm import tqdm
+
+_TORCH_THREADS = torch.get_num_threads()
+import ffcv  # noqa: E402,F401  (importing it sets torch's thread count to 1: restored here)
+
+torch.set_num_threads(_TORCH_THREADS)
 
 log = logging.getLogger(__name__)
 WRITE_MODES = ("proportion", "jpg", "raw")

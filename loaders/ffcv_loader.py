@@ -39,12 +39,16 @@ from pathlib import Path
 import numba
 import numpy as np
 import torch
-from ffcv.fields import IntField, RGBImageField
-from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder, RandomResizedCropRGBImageDecoder
-from ffcv.loader import Loader as _FFCVLoader, OrderOption
-from ffcv.pipeline import PipelineSpec
-from ffcv.reader import Reader
-from ffcv.transforms import NormalizeImage, RandomHorizontalFlip, ToDevice, ToTensor, ToTorchImage
+
+_TORCH_THREADS = torch.get_num_threads()  # importing ffcv sets it to 1 (ffcv/pipeline/compiler.py)
+from ffcv.fields import IntField, RGBImageField  # noqa: E402
+from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder, RandomResizedCropRGBImageDecoder  # noqa: E402
+from ffcv.loader import Loader as _FFCVLoader, OrderOption  # noqa: E402
+from ffcv.pipeline import PipelineSpec  # noqa: E402
+from ffcv.reader import Reader  # noqa: E402
+from ffcv.transforms import NormalizeImage, RandomHorizontalFlip, ToDevice, ToTensor, ToTorchImage  # noqa: E402
+
+torch.set_num_threads(_TORCH_THREADS)
 
 from loaders import shard
 from loaders.spec import DataConfig, LoaderError, LoaderRequest, output_dtype, require_path, to_device
@@ -84,6 +88,10 @@ def _blend(x, y, f):  # torchvision's _blend; f == 1 is an exact identity
     return (f * x + (1.0 - f) * y).clamp_(0.0, 1.0)
 
 
+# rows: hue sector 0..5; columns: r, g, b; values index (maxc, q, p, t)
+_HSV_SECTOR_PICK = torch.tensor([[0, 3, 2], [1, 0, 2], [2, 0, 3], [2, 1, 0], [3, 2, 0], [0, 2, 1]])
+
+
 def _adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:  # torchvision's _rgb2hsv/_hsv2rgb
     r, g, b = x.unbind(1)
     maxc, minc = x.max(1).values, x.min(1).values
@@ -101,10 +109,10 @@ def _adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:  # torchv
     p = (maxc * (1.0 - s)).clamp(0.0, 1.0)
     q = (maxc * (1.0 - s * f)).clamp(0.0, 1.0)
     t = (maxc * (1.0 - s * (1.0 - f))).clamp(0.0, 1.0)
-    mask = (i.unsqueeze(1) == torch.arange(6, device=x.device).view(-1, 1, 1)).to(x.dtype)
-    a = torch.stack((torch.stack((maxc, q, p, p, t, maxc), 1), torch.stack((t, maxc, maxc, q, p, p), 1),
-                     torch.stack((p, p, t, maxc, maxc, q), 1)), 1)  # [B,3(rgb),6,H,W]
-    return torch.einsum("bijk,bxijk->bxjk", mask, a)
+    # per sector i, torchvision's hsv->rgb picks each channel from (maxc, q, p, t): a lookup + gather
+    candidates = torch.stack((maxc, q, p, t), 1)  # [B,4,H,W]
+    pick = _HSV_SECTOR_PICK.to(x.device)[i.long()]  # [B,H,W,3]
+    return torch.gather(candidates, 1, pick.permute(0, 3, 1, 2))
 
 
 _OPS = (lambda x, f: (f * x).clamp_(0.0, 1.0),  # brightness: blend with black

@@ -240,3 +240,12 @@ def test_numba_finalizer_noise_is_dropped_and_nothing_else():
     hook(noise)
     hook(other)
     assert seen == [other]
+
+
+def test_importing_the_ffcv_modules_keeps_torchs_thread_count():
+    # ffcv sets torch's intra-op thread count to 1 when imported; training must not inherit that
+    code = ("import torch; torch.set_num_threads(2); import loaders.ffcv_convert, loaders.ffcv_loader; "
+            "print(torch.get_num_threads())")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "2"
