@@ -208,3 +208,13 @@ def test_eval_only_evaluates_a_checkpoint_without_touching_its_results(tmp_path,
     evaluation = json.loads((tmp_path / "run" / "linear_eval.json").read_text())["linear_eval"]
     assert evaluation["samples"] == 9 and evaluation["subnetwork"] is not None
     assert "ensemble" in proc.stdout
+
+
+@pytest.mark.slow
+def test_two_process_run_counts_every_validation_image_once(tmp_path, data):
+    recipe = write_recipe(tmp_path, data, "selfcon")
+    launch("fasttrain/run.py", recipe, num_processes=2)
+    results = read_results(tmp_path)
+    assert results["num_processes"] == 2
+    assert results["steps"] == 3  # global batch 8 = 2 x 4 per process; 24 usable images -> 3 steps
+    assert results["linear_eval"]["samples"] == 9  # 9 validation images, split 5 + 4, none padded

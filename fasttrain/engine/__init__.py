@@ -1,0 +1,2 @@
+"""The engine: the training step and loop (trainer), optimizer and schedule (optim), linear
+evaluation, checkpoints and measurements."""
