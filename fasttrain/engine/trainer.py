@@ -162,9 +162,13 @@ def train(recipe: Recipe, accelerator: Accelerator) -> TrainResult:
         if epoch + 1 == recipe.schedule.epochs or (epoch + 1) % recipe.run.checkpoint_every == 0:
             _save(recipe, accelerator, model, optimizer, epoch + 1, step.updates)
     accelerator.wait_for_everyone()
-    return TrainResult(accelerator.unwrap_model(model), method, recipe.schedule.epochs,
-                       step.updates, speed.images_per_second, memory.peak_bytes(), memory.kind,
-                       len(loader.skipped))
+    return TrainResult(_plain(accelerator, model), method, recipe.schedule.epochs, step.updates,
+                       speed.images_per_second, memory.peak_bytes(), memory.kind, len(loader.skipped))
+
+
+def _plain(accelerator: Accelerator, model) -> MultiExitResNet:
+    """The bare module (no DDP, no torch.compile wrapper): its state_dict keys match build_model's."""
+    return accelerator.unwrap_model(model, keep_torch_compile=False)
 
 
 def _log_row(accelerator, logs: dict, step: TrainStep, speed: Throughput) -> dict:
@@ -179,7 +183,7 @@ def _log_row(accelerator, logs: dict, step: TrainStep, speed: Throughput) -> dic
 def _save(recipe: Recipe, accelerator: Accelerator, model, optimizer, epoch: int, updates: int) -> None:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        state = {"model": accelerator.unwrap_model(model).state_dict(), "optimizer": optimizer.state_dict(),
+        state = {"model": _plain(accelerator, model).state_dict(), "optimizer": optimizer.state_dict(),
                  "epoch": epoch, "updates": updates, "method": recipe.method, "arch": recipe.model.arch,
                  "recipe": recipe.model_dump(mode="json")}
         if accelerator.scaler is not None:
