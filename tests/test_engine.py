@@ -63,3 +63,18 @@ def test_fp16_on_cpu_is_refused_with_the_key(tmp_path):
         pytest.skip("fp16 is allowed on a GPU")
     with pytest.raises(RecipeError, match="train.precision=fp16"):
         make_accelerator(small_recipe(tmp_path, precision="fp16"), log_with=())
+
+
+def test_throughput_starts_after_skip_steps_and_stops_at_stop(monkeypatch):
+    from fasttrain.engine import metrics
+    clock = iter([10.0, 12.0, 20.0])
+    monkeypatch.setattr(metrics.time, "perf_counter", lambda: next(clock))
+    speed = metrics.Throughput(torch.device("cpu"), skip=2)
+    speed.update(8)
+    speed.update(8)  # t=10: the clock starts; these first 2 steps are not counted
+    assert speed.images_per_second is None
+    for _ in range(3):
+        speed.update(8)
+    speed.stop()  # t=12: 24 images in 2 s
+    assert speed.images_per_second == pytest.approx(12.0)
+    assert speed.images_per_second == pytest.approx(12.0)  # reading it later changes nothing

@@ -51,24 +51,37 @@ def _status_kib(field: str) -> int:
 
 
 class Throughput:
-    """Images per second after the first ``skip`` steps (compilation, warm caches)."""
+    """Images per second from the ``skip``-th step (after compilation and warm-up) to ``stop()``.
+    Both ends wait for the device, so on a GPU the clock brackets finished work, not queued kernels."""
 
-    def __init__(self, skip: int = 2):
-        self.skip, self.steps, self.images, self.start, self.last = skip, 0, 0, None, None
+    def __init__(self, device: torch.device, skip: int = 2):
+        self.device, self.skip, self.steps, self.images = device, skip, 0, 0
+        self.start: Optional[float] = None
+        self.end: Optional[float] = None
+
+    def _now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
 
     def update(self, images: int) -> None:
         self.steps += 1
-        self.last = time.perf_counter()  # the clock stops at the last step, not when it is read
+        self.end = None
         if self.steps == self.skip:
-            self.start = self.last
+            self.start = self._now()
         elif self.steps > self.skip:
             self.images += images
+
+    def stop(self) -> None:
+        """The clock stops here (end of an epoch's steps), not when the value is read."""
+        if self.start is not None:
+            self.end = self._now()
 
     @property
     def images_per_second(self) -> Optional[float]:
         if self.start is None or not self.images:
             return None
-        return self.images / (self.last - self.start)
+        return self.images / ((self.end or time.perf_counter()) - self.start)
 
 
 class MetricsFile:

@@ -138,7 +138,7 @@ def train(recipe: Recipe, accelerator: Accelerator) -> TrainResult:
 
     accelerator.init_trackers("fasttrain")
     metrics = MetricsFile(run_dir, main)
-    speed, memory = Throughput(), PeakMemory(accelerator.device)
+    speed, memory = Throughput(accelerator.device), PeakMemory(accelerator.device)
     memory.reset()
     images_per_step = batch * accelerator.num_processes
     for epoch in range(start_epoch, recipe.schedule.epochs):
@@ -158,6 +158,7 @@ def train(recipe: Recipe, accelerator: Accelerator) -> TrainResult:
                                 img_s=f"{row.get('images_per_second') or 0:.0f}")
                 accelerator.log(row, step=step.updates)
                 metrics.write({"kind": "train", "epoch": epoch + 1, "step": step.updates, **row})
+        speed.stop()
         bar.close()
         if epoch + 1 == recipe.schedule.epochs or (epoch + 1) % recipe.run.checkpoint_every == 0:
             _save(recipe, accelerator, model, optimizer, epoch + 1, step.updates)
