@@ -6,7 +6,8 @@ cd "$(dirname "$0")/.."
 
 PY=${PYTHON:-python3.11}
 EXTRAS=${FASTTRAIN_EXTRAS:-dev,ffcv,dali}
-APT_PKGS="pkg-config libopencv-dev libturbojpeg0-dev dataset-fashion-mnist"
+# build deps of ffcv; the demo's data; real photographs for the loader benchmarks and their test
+APT_PKGS="pkg-config libopencv-dev libturbojpeg0-dev dataset-fashion-mnist lomiri-wallpapers-16.04"
 
 missing=""
 for p in $APT_PKGS; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done

@@ -46,8 +46,8 @@ def test_step_cost_tiny(tmp_path, capsys):
 
 
 def test_photo_folder_from_wallpapers(tmp_path):
-    if not make_photo_folder.candidates():
-        pytest.skip("no wallpaper packages installed")
+    # scripts/bootstrap.sh installs lomiri-wallpapers-16.04; without it this fails rather than skips
+    assert make_photo_folder.candidates(), "no wallpaper package installed: apt-get install lomiri-wallpapers-16.04"
     out = tmp_path / "photos"
     assert make_photo_folder.main([str(out), "--classes", "2", "--per-class", "3", "--seed", "1"]) == 0
     files = sorted(out.rglob("*.jpg"))
