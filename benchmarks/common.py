@@ -107,6 +107,18 @@ def write_json(path: Path, data) -> None:
     atomic_write(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
+def write_report(out: Path, name: str, args, rows: list[dict], text: str, *, worker_only=(),
+                 rows_key: str = "results") -> None:
+    """``out/<name>.json`` (config = the CLI arguments less the worker-only ones, environment, rows)
+    and ``out/<name>.md`` (the table)."""
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+              if k not in ("worker", "result", *worker_only)}
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / f"{name}.json", {"benchmark": name, "config": config, "environment": environment(),
+                                      rows_key: rows})
+    atomic_write(out / f"{name}.md", text)
+
+
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
     def cell(v):
         return "–" if v is None else str(v)

@@ -24,8 +24,8 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import (atomic_write, backend_source, bar_chart, environment, markdown_table,  # noqa: E402
-                               summarize, training_device, worker_row, write_json)
+from benchmarks.common import (backend_source, bar_chart, markdown_table, summarize,  # noqa: E402
+                               training_device, worker_row, write_json, write_report)
 
 BACKENDS = ("torchvision", "dali", "ffcv")
 CROP_SCALE = (0.2, 1.0)  # the contrastive crops of recipes/_imagenet.yaml (official SupCon/SelfCon)
@@ -195,12 +195,8 @@ def main(argv=None) -> int:
                       f"({row['crops_per_second']:.1f} crops/s)", flush=True)
             else:
                 print(f"[loaders] {backend:<11} {views} view(s): unavailable ({row['reason']})", flush=True)
-    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-              if k not in ("worker", "backend", "source", "num_views", "result")}
-    write_json(args.out / "loader_throughput.json", {"benchmark": "loader_throughput", "config": config,
-                                                     "environment": environment(), "results": rows})
     text = table(rows, args)
-    atomic_write(args.out / "loader_throughput.md", text)
+    write_report(args.out, "loader_throughput", args, rows, text, worker_only=("backend", "source", "num_views"))
     by = {(r["backend"], r["num_views"]): r for r in rows}
     bar_chart(args.out / "loader_throughput.png", [{
         "title": "Loader throughput (images/s)", "ylabel": "images / s", "categories": args.backends, "fmt": "%.0f",

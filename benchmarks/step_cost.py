@@ -23,8 +23,8 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import (atomic_write, bar_chart, environment, markdown_table, recipe_for,  # noqa: E402
-                               run_worker, summarize, write_json)
+from benchmarks.common import (bar_chart, markdown_table, recipe_for, run_worker, summarize,  # noqa: E402
+                               write_json, write_report)
 
 METHODS = ("ce", "supcon", "selfcon_m", "supcon_s", "selfcon")
 LABELS = {"ce": "CE", "supcon": "SupCon", "selfcon_m": "SelfCon-M", "supcon_s": "SupCon-S", "selfcon": "SelfCon"}
@@ -292,13 +292,8 @@ def main(argv=None) -> int:
                       f"  [{time.perf_counter() - started:.0f} s]", flush=True)
     rows = [merge(runs[m]) for m in args.methods]
     add_ratios(rows, args.arch)
-    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-              if k not in ("worker", "method", "result")}
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_json(args.out / "step_cost.json", {"benchmark": "step_cost", "config": config,
-                                             "environment": environment(), "methods": rows})
     text = table(rows, args)
-    atomic_write(args.out / "step_cost.md", text)
+    write_report(args.out, "step_cost", args, rows, text, worker_only=("method",), rows_key="methods")
     if any("error" not in r for r in rows):
         chart(rows, args, args.out / "step_cost.png")
     print(text)

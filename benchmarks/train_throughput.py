@@ -20,8 +20,8 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import (atomic_write, backend_source, bar_chart, environment, markdown_table,  # noqa: E402
-                               recipe_for, worker_row, write_json)
+from benchmarks.common import (backend_source, bar_chart, markdown_table, recipe_for, worker_row,  # noqa: E402
+                               write_json, write_report)
 
 BACKENDS = ("synthetic", "torchvision", "dali", "ffcv")
 
@@ -166,12 +166,8 @@ def main(argv=None) -> int:
     for r in rows:
         r["ratio_to_synthetic"] = (r["images_per_second"] / base["images_per_second"]
                                    if base and r.get("available") else None)
-    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-              if k not in ("worker", "backend", "source", "num_classes", "result")}
-    write_json(args.out / "train_throughput.json", {"benchmark": "train_throughput", "config": config,
-                                                    "environment": environment(), "results": rows})
     text = table(rows, args)
-    atomic_write(args.out / "train_throughput.md", text)
+    write_report(args.out, "train_throughput", args, rows, text, worker_only=("backend", "source", "num_classes"))
     names = [r["backend"] for r in rows]
     bar_chart(args.out / "train_throughput.png", [
         {"title": "Trainer images/s", "ylabel": "images / s", "categories": names, "fmt": "%.1f",
