@@ -22,6 +22,6 @@ setup(
     extras_require={
         "ffcv": ["ffcv==1.0.2", "numba", "opencv-python-headless"],
         "dali": ["nvidia-dali-cuda120"],
-        "dev": ["pytest>=8"],
+        "dev": ["pytest>=8", "scikit-learn"],
     },
 )

@@ -80,7 +80,8 @@ def measure(args, method_name: str) -> dict:
 
     from fasttrain.engine.metrics import PeakMemory
     from fasttrain.engine.optim import build_optimizer
-    from fasttrain.engine.trainer import TrainStep, build_model, build_objective, make_accelerator, per_process_batch
+    from fasttrain.engine.trainer import TrainStep, build_model, make_accelerator, per_process_batch
+    from fasttrain.recipe import objective
     from fasttrain.methods import get_method
 
     if args.threads:
@@ -106,7 +107,7 @@ def measure(args, method_name: str) -> dict:
         optimizer = build_optimizer(model, recipe.optim)
         model, optimizer = accelerator.prepare(model, optimizer)
         total = args.warmup + args.steps
-        step = TrainStep(accelerator, model, build_objective(recipe, method), optimizer, total_updates=total,
+        step = TrainStep(accelerator, model, objective(recipe), optimizer, total_updates=total,
                          warmup_updates=0, final_lr_ratio=recipe.schedule.final_lr_ratio)
         model.train()
 

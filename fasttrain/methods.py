@@ -14,6 +14,8 @@ from typing import Optional, Sequence
 import torch
 
 from fasttrain.losses import cross_entropy, masked_mean, supcon_terms
+from fasttrain.models import exit_names
+from fasttrain.monitors import collapse_value, spread
 
 
 @dataclass(frozen=True)
@@ -69,14 +71,29 @@ class Objective:
             raise ValueError(f"loss.alpha={self.alpha} must be >= 0")
 
     def __call__(self, model, views: Sequence[torch.Tensor], labels: torch.Tensor):
+        """The loss and what to log: per-exit losses and ``spread/<exit>``, the collapse metric of
+        what the loss reads (projections; for cross-entropy, the logits)."""
         if len(views) != self.method.num_views:
             raise ValueError(f"{self.method.name} needs {self.method.num_views} view(s), got {len(views)}")
         out = model(build_batch(views), project=self.method.contrastive)
         if not self.method.contrastive:
             loss = cross_entropy(out.logits, labels, self.label_smoothing)
             top1 = (out.logits.detach().argmax(1) == labels).float().mean()
-            return loss, {"loss/ce": loss.detach(), "train_top1": top1}
-        return self._contrastive(stack_exits(out.projections, len(views)), labels, len(out.projections))
+            return loss, {"loss/ce": loss.detach(), "train_top1": top1, "spread/backbone": spread(out.logits)}
+        loss, logs = self._contrastive(stack_exits(out.projections, len(views)), labels, len(out.projections))
+        names = exit_names(len(out.projections))
+        return loss, {**logs, **{f"spread/{n}": spread(z) for n, z in zip(names, out.projections)}}
+
+    def loss_at_collapse(self, global_batch: int, num_exits: int) -> Optional[float]:
+        """The loss when every feature is the same (None for cross-entropy)."""
+        if not self.method.contrastive:
+            return None
+        views = self.method.num_views
+        value = collapse_value(global_batch * views * num_exits, self.temperature, self.base_temperature)
+        if self.alpha is None:
+            return value
+        backbone = collapse_value(global_batch * views, self.temperature, self.base_temperature)
+        return (backbone + self.alpha * value) / (1 + self.alpha)
 
     def _contrastive(self, features: torch.Tensor, labels: torch.Tensor, num_exits: int):
         columns = range(features.shape[1])
@@ -86,9 +103,8 @@ class Objective:
         if self.alpha is None:
             per_anchor, valid = supcon_terms(features, labels, **terms)
             loss = masked_mean(per_anchor, valid)
-            logs = {f"loss/{_exit_name(e, num_exits)}": masked_mean(per_anchor[:, e::num_exits].detach(),
-                                                                   valid[:, e::num_exits])
-                    for e in range(num_exits)}
+            logs = {f"loss/{name}": masked_mean(per_anchor[:, e::num_exits].detach(), valid[:, e::num_exits])
+                    for e, name in enumerate(exit_names(num_exits))}
         else:  # L = 1/(1+a) L_sup(backbone) + a/(1+a) L_self(all exits, sub-network anchors)
             sup, sup_valid = supcon_terms(features[:, backbone], labels, **terms)
             sub, sub_valid = supcon_terms(features, labels, anchor_views=subnet, **terms)
@@ -96,10 +112,6 @@ class Objective:
             loss = (sup + self.alpha * sub) / (1 + self.alpha)
             logs = {"loss/backbone": sup.detach(), "loss/subnetworks": sub.detach()}
         return loss, {"loss": loss.detach(), **logs}
-
-
-def _exit_name(index: int, num_exits: int) -> str:
-    return "backbone" if index == num_exits - 1 else f"sub{index}"
 
 
 __all__ = ["METHODS", "Method", "Objective", "build_batch", "get_method", "stack_exits"]

@@ -13,8 +13,8 @@ from typing import Literal, Optional, Sequence, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from fasttrain.methods import METHODS
-from fasttrain.models import ARCHS, EXIT_KINDS, EXIT_POINTS
+from fasttrain.methods import METHODS, Objective
+from fasttrain.models import ARCHS, EXIT_KINDS, EXIT_POINTS, HEADS
 from loaders import BACKENDS
 from loaders.spec import DataConfig
 
@@ -33,6 +33,9 @@ class ModelConfig(_Strict):
     exits: list[Literal[EXIT_POINTS]] = ["layer2"]  # used only by methods with a sub-network
     exit_kind: Literal[EXIT_KINDS] = "fc"
     proj_dim: int = Field(128, gt=0)
+    # projection head: Linear-BN-ReLU-Linear (default: the official Linear-ReLU-Linear, `mlp`, collapses on
+    # small data, see the README's "Collapse"), or `linear`
+    head: Literal[HEADS] = "mlp_bn"
     sync_bn: bool = False
     zero_init_residual: bool = False
 
@@ -52,6 +55,7 @@ class OptimConfig(_Strict):
     weight_decay: float = Field(1e-4, ge=0)
     exclude_bn_bias: bool = True  # no weight decay / LARS adaptation on BatchNorm and bias
     lars_trust_coeff: float = Field(0.001, gt=0)
+    clip_grad_norm: Optional[float] = Field(None, gt=0)  # clip the global gradient norm to this value
 
 
 class ScheduleConfig(_Strict):
@@ -81,6 +85,19 @@ class LinearEvalConfig(_Strict):
     cache_features: bool = False  # encode the train split once (center crops) instead of every epoch
 
 
+class MonitorConfig(_Strict):
+    """Signals that a run learns: k-NN accuracy per exit at epoch ends, collapse of the projections."""
+
+    knn_every: int = Field(1, ge=0)  # epochs between k-NN evaluations (and after the last); 0: never
+    knn_bank: Optional[int] = Field(10_000, gt=0)  # train images in the feature bank (None: all)
+    knn_val: Optional[int] = Field(10_000, gt=0)  # validation images scored (None: all)
+    knn_k: int = Field(20, gt=0)
+    knn_temperature: float = Field(0.07, gt=0)
+    collapse_threshold: float = Field(0.1, ge=0)  # spread (std of normalised projections x sqrt(dim)) below: collapse
+    collapse_patience: int = Field(100, gt=0)  # steps a run may sit collapsed before the warning (or the stop)
+    on_collapse: Literal["warn", "stop"] = "warn"
+
+
 class RunConfig(_Strict):
     dir: Path = Path("runs/default")
     resume: Union[Literal["auto", "never"], Path] = "auto"
@@ -97,13 +114,17 @@ class Recipe(_Strict):
     schedule: ScheduleConfig = ScheduleConfig()
     train: TrainConfig = TrainConfig()
     linear_eval: LinearEvalConfig = LinearEvalConfig()
+    monitor: MonitorConfig = MonitorConfig()
     run: RunConfig = RunConfig()
 
     @model_validator(mode="after")
     def _consistent(self):
         method = METHODS[self.method]
-        if self.loss.alpha is not None and not method.uses_subnetwork:
-            raise ValueError(f"loss.alpha is set but method={self.method} has no sub-network")
+        objective(self)  # the method checks its own loss settings
+        if method.contrastive and self.train.grad_accum_steps > 1:
+            raise ValueError(f"train.grad_accum_steps={self.train.grad_accum_steps}: a contrastive loss needs every "
+                             f"feature of the global batch in one loss (method={self.method}); use more processes "
+                             f"or a smaller train.batch_size")
         if method.uses_subnetwork and not self.model.exits:
             raise ValueError(f"model.exits is empty but method={self.method} needs a sub-network exit")
         step_batch = self.train.batch_size % self.train.grad_accum_steps
@@ -111,6 +132,12 @@ class Recipe(_Strict):
             raise ValueError(f"train.batch_size={self.train.batch_size} is not divisible by "
                              f"train.grad_accum_steps={self.train.grad_accum_steps}")
         return self
+
+
+def objective(recipe: Recipe) -> Objective:
+    loss = recipe.loss
+    return Objective(METHODS[recipe.method], temperature=loss.temperature, base_temperature=loss.base_temperature,
+                     label_smoothing=loss.label_smoothing, alpha=loss.alpha)
 
 
 def apply_override(tree: dict, assignment: str) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from fasttrain.monitors import CollapseError  # noqa: E402
 from fasttrain.recipe import Recipe, RecipeError, load_recipe  # noqa: E402
 from loaders import LoaderError  # noqa: E402
 
@@ -24,16 +25,23 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("recipe", help="recipe YAML file (recipes/*.yaml)")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.batch_size=256")
-    parser.add_argument("--eval-only", metavar="CHECKPOINT", help="skip pretraining: linear-evaluate a checkpoint")
+    start = parser.add_mutually_exclusive_group()
+    start.add_argument("--eval-only", metavar="CHECKPOINT", help="skip pretraining: evaluate a checkpoint")
+    start.add_argument("--random-init", action="store_true",
+                       help="skip pretraining: evaluate the recipe's encoder at its (seeded) random initialisation, "
+                            "the floor every method must beat; writes random_init.json")
     args = parser.parse_intermixed_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated.*")
     try:
         recipe = load_recipe(args.recipe, args.overrides)
-        results = run(recipe, args.eval_only)
+        results = run(recipe, args.eval_only, random_init=args.random_init)
     except (RecipeError, LoaderError) as exc:
         print(f"fasttrain: error: {exc}", file=sys.stderr)
         return 2
+    except CollapseError as exc:
+        print(f"fasttrain: stopped: {exc}; the last checkpoint is intact", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print("fasttrain: interrupted; the last checkpoint is intact", file=sys.stderr)
         return 130
@@ -42,35 +50,47 @@ def main(argv=None) -> int:
     return 0
 
 
-def run(recipe: Recipe, eval_only: str | None = None) -> dict | None:
+def run(recipe: Recipe, eval_only: str | None = None, random_init: bool = False) -> dict | None:
+    """Pretrain and evaluate; or evaluate a checkpoint (``eval_only``), or the untrained encoder
+    (``random_init``). What is evaluated is described by what was trained: the checkpoint's recipe."""
     from fasttrain.engine import checkpoint
+    from fasttrain.engine.knn import KNNMonitor
     from fasttrain.engine.linear_eval import classifier_eval, linear_eval
-    from fasttrain.engine.trainer import (build_model, make_accelerator, train, write_results)
+    from fasttrain.engine.trainer import build_model, make_accelerator, train, write_results
     from fasttrain.methods import get_method
 
     accelerator = make_accelerator(recipe)
     started = time.perf_counter()
+    trained, state = None, {"epoch": 0, "updates": 0}
     if eval_only:
         path = Path(eval_only)
         if not path.is_file():
             raise RecipeError(f"--eval-only: no such checkpoint: {path}")
         state = checkpoint.load(path)
+        trained_recipe = checkpoint.recipe_of(state)
         method = get_method(state["method"])
-        model = build_model(Recipe.model_validate(state["recipe"]), method, num_classes=_num_classes(state))
-        model.load_state_dict(state["model"])
-        model.to(accelerator.device)
-        trained = None
+        model = build_model(trained_recipe, method, num_classes=_num_classes(state))
+        checkpoint.load_weights(model, state, f"--eval-only: {path}")
+    elif random_init:
+        from accelerate.utils import set_seed
+        set_seed(recipe.train.seed)
+        trained_recipe, method = recipe, get_method(recipe.method)
+        model = build_model(recipe, method, num_classes=None)  # a random classifier is no floor: linear eval
     else:
         trained = train(recipe, accelerator)
-        model, method = trained.model, trained.method
-    if method.contrastive and recipe.linear_eval.enabled:
-        evaluation = linear_eval(recipe, accelerator, model)
-    elif not method.contrastive:
-        evaluation = classifier_eval(recipe, accelerator, model)
+        trained_recipe, model, method = recipe, trained.model, trained.method
+    model.to(accelerator.device)
+    if trained is not None:
+        knn = trained.knn
     else:
-        evaluation = None
+        knn = [{"epoch": state["epoch"], **KNNMonitor(recipe, accelerator)(model)}] if recipe.monitor.knn_every else []
+    if method.contrastive or random_init:
+        evaluation = linear_eval(recipe, accelerator, model) if recipe.linear_eval.enabled else None
+    else:
+        evaluation = classifier_eval(recipe, accelerator, model)
     results = {
-        "method": method.name, "arch": recipe.model.arch, "loader": recipe.loader,
+        "method": method.name, "arch": trained_recipe.model.arch, "loader": recipe.loader,
+        "random_init": random_init,
         "epochs": trained.epochs if trained else state["epoch"],
         "steps": trained.updates if trained else state["updates"],
         "global_batch_size": recipe.train.batch_size, "num_processes": accelerator.num_processes,
@@ -81,12 +101,14 @@ def run(recipe: Recipe, eval_only: str | None = None) -> dict | None:
         "skipped_images": trained.skipped_images if trained else 0,
         "wall_seconds": time.perf_counter() - started,
         "linear_eval": evaluation,
+        "knn": knn,
     }
     accelerator.end_training()
     if not accelerator.is_main_process:
         return None
     # an evaluation of an existing checkpoint must not overwrite the results of its pretraining
-    write_results(Path(recipe.run.dir) / ("linear_eval.json" if eval_only else "results.json"), results)
+    name = "linear_eval.json" if eval_only else "random_init.json" if random_init else "results.json"
+    write_results(Path(recipe.run.dir) / name, results)
     return results
 
 
@@ -96,7 +118,8 @@ def _num_classes(state: dict):
 
 
 def format_table(results: dict) -> str:
-    lines = [f"{results['method']} / {results['arch']}: {results['epochs']} epochs, {results['steps']} steps"]
+    what = "random initialisation" if results.get("random_init") else f"{results['epochs']} epochs, {results['steps']} steps"
+    lines = [f"{results['method']} / {results['arch']}: {what}"]
     if results["images_per_second"] is not None:
         lines[0] += (f", {results['images_per_second']:.1f} img/s, peak memory "
                      f"{results['peak_memory_bytes'] / 2**20:.0f} MiB ({results['peak_memory_kind']})")
@@ -107,6 +130,9 @@ def format_table(results: dict) -> str:
             if evaluation.get(name):
                 lines.append(f"| {name:<11} | {evaluation[name]['top1']:9.2f} | {evaluation[name]['top5']:9.2f} |")
         lines.append(f"\n{evaluation['samples']} validation images")
+    if results.get("knn"):
+        last = results["knn"][-1]
+        lines.append("k-NN top-1 (%): " + ", ".join(f"{k} {v:.2f}" for k, v in last.items() if k != "epoch"))
     return "\n".join(lines)
 
 

@@ -7,6 +7,9 @@
 from __future__ import annotations
 
 import importlib
+from typing import Optional
+
+import numpy as np
 
 from loaders.spec import DataConfig, Loader, LoaderError, LoaderRequest
 
@@ -35,4 +38,13 @@ def shard(num_items: int, rank: int, world_size: int) -> range:
     return range(rank, num_items, world_size)
 
 
-__all__ = ["BACKENDS", "DataConfig", "Loader", "LoaderError", "LoaderRequest", "build_loader", "shard"]
+def subset_indices(num_items: int, subset: Optional[int], seed: int) -> np.ndarray:
+    """The items of a split a request reads: all of them, or ``subset`` of them drawn with ``seed``
+    (the same on every process and every epoch), in file order."""
+    if subset is None or subset >= num_items:
+        return np.arange(num_items)
+    return np.sort(np.random.default_rng(seed).choice(num_items, size=subset, replace=False))
+
+
+__all__ = ["BACKENDS", "DataConfig", "Loader", "LoaderError", "LoaderRequest", "build_loader", "shard",
+           "subset_indices"]

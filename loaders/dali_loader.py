@@ -50,6 +50,7 @@ import torch
 from PIL import Image
 from torchvision import datasets
 
+from loaders import subset_indices
 from loaders.spec import DataConfig, LoaderError, LoaderRequest, output_dtype, require_path, to_device
 
 try:
@@ -143,6 +144,7 @@ class DALILoader:
         self.skipped: set[str] = {entry.split(" (", 1)[0] for entry in bad}
         if bad:
             log.warning("%s: skipping %d unreadable image(s): %s", key, len(bad), "; ".join(bad))
+        samples = [samples[i] for i in subset_indices(len(samples), req.subset, req.seed)]
         world, rank, batch = req.world_size, req.rank, req.batch_size
         if req.training:
             order = np.random.default_rng(req.seed).permutation(len(samples))

@@ -50,7 +50,7 @@ from ffcv.transforms import NormalizeImage, RandomHorizontalFlip, ToDevice, ToTe
 
 torch.set_num_threads(_TORCH_THREADS)
 
-from loaders import shard
+from loaders import shard, subset_indices
 from loaders.spec import DataConfig, LoaderError, LoaderRequest, output_dtype, require_path, to_device
 
 log = logging.getLogger(__name__)
@@ -200,7 +200,9 @@ class FFCVLoader:
             ops = self._image_ops(dec)
             pipelines[f"image_{v}"] = PipelineSpec("image", decoder=ops[0], transforms=ops[1:])
 
-        world, indices, distributed = req.world_size, None, False
+        world, distributed = req.world_size, False
+        items = subset_indices(int(reader.num_samples), req.subset, req.seed)
+        indices = items if req.subset else None
         if req.training:
             order = OrderOption.QUASI_RANDOM if cfg.ffcv.order == "quasi_random" else OrderOption.RANDOM
             if world > 1:
@@ -210,7 +212,7 @@ class FFCVLoader:
                 distributed, order = True, OrderOption.RANDOM
         else:
             order = OrderOption.SEQUENTIAL
-            indices = np.asarray(shard(int(reader.num_samples), req.rank, world), dtype=np.int64)
+            indices = items[np.asarray(shard(len(items), req.rank, world), dtype=np.int64)]
         threads = max(1, min(cfg.num_workers, numba.config.NUMBA_NUM_THREADS))
         torch_threads = torch.get_num_threads()
         try:

@@ -102,16 +102,22 @@ class LoaderRequest:
     world_size: int = 1
     seed: int = 0
     channels_last: bool = False
+    subset: Optional[int] = None  # a seeded random subset of this many samples of the split, the same every epoch
 
     def __post_init__(self):
         if self.num_views not in (1, 2):
             raise ValueError(f"num_views={self.num_views}: a loader makes 1 or 2 views")
         if self.batch_size <= 0:
             raise ValueError(f"batch_size={self.batch_size} must be positive")
+        if self.subset is not None and self.subset <= 0:
+            raise ValueError(f"subset={self.subset} must be positive")
 
     @property
     def training(self) -> bool:
-        return self.split == "train"
+        """Random order and full, equal batches on every process. A center-cropped read (of either
+        split: a k-NN bank, cached linear-evaluation features) is an evaluation read: file order,
+        sharded without padding, the last batch kept."""
+        return self.split == "train" and self.augment != "center"
 
 
 class Loader(Protocol):

@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torchvision import datasets, transforms as T
 
-from loaders import shard
+from loaders import shard, subset_indices
 from loaders.spec import DataConfig, LoaderError, LoaderRequest, output_dtype, require_path, to_device
 
 log = logging.getLogger(__name__)
@@ -74,13 +74,15 @@ class TorchvisionLoader:
         self.num_classes = len(dataset.folder.classes)
         self.classes = dataset.folder.classes
         self.skipped: set[str] = set()
+        items = subset_indices(len(dataset), req.subset, req.seed).tolist()
         if req.training:
-            self.sampler = DistributedSampler(dataset, num_replicas=req.world_size, rank=req.rank,
+            source = Subset(dataset, items) if req.subset else dataset
+            self.sampler = DistributedSampler(source, num_replicas=req.world_size, rank=req.rank,
                                               shuffle=True, seed=req.seed, drop_last=True)
-            source, sampler = dataset, self.sampler
+            sampler = self.sampler
         else:
             self.sampler = None
-            source, sampler = Subset(dataset, shard(len(dataset), req.rank, req.world_size)), None
+            source, sampler = Subset(dataset, [items[i] for i in shard(len(items), req.rank, req.world_size)]), None
         if req.training and len(self.sampler) < req.batch_size:
             raise LoaderError(f"{key}: {len(self.sampler)} images per process, fewer than one batch "
                               f"of {req.batch_size}")

@@ -1,8 +1,10 @@
+import itertools
 import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,6 +30,37 @@ def make_image_folder(root: Path, classes: int = 3, per_class: int = 4, size=(64
     for i in range(corrupt):
         (root / "class_00" / f"broken_{i}.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg" * 3)
     return root
+
+
+MEAN = torch.tensor((0.485, 0.456, 0.406)).view(1, 3, 1, 1)  # DataConfig's defaults
+STD = torch.tensor((0.229, 0.224, 0.225)).view(1, 3, 1, 1)
+# 64 colours 60 apart per channel: far beyond JPEG error, so a colour names its image.
+PALETTE = [np.array(c) for c in itertools.product((30, 90, 150, 210), repeat=3)]
+
+
+def colour_folder(root, counts, distinct=True):
+    """An ImageFolder of constant-colour JPEGs (image k has colour PALETTE[k]); counts per class."""
+    k = 0
+    for c, n in enumerate(counts):
+        (root / f"c{c}").mkdir(parents=True)
+        for i in range(n):
+            pixels = np.full((40, 52, 3), PALETTE[k if distinct else 25], np.uint8)
+            Image.fromarray(pixels).save(root / f"c{c}" / f"{i}.jpg", quality=95)
+            k += 1
+    return root
+
+
+def rgb(view):
+    """Un-normalised 0-255 values of a [B,3,H,W] batch."""
+    return (view.float() * STD + MEAN) * 255
+
+
+def identities(view):
+    """Palette index of each image of a constant-colour batch."""
+    means = rgb(view).mean(dim=(2, 3)).numpy()
+    ids = [int(np.argmin([np.abs(m - p).max() for p in PALETTE])) for m in means]
+    assert all(np.abs(m - PALETTE[i]).max() < 6 for m, i in zip(means, ids))
+    return ids
 
 
 @pytest.fixture(autouse=True)

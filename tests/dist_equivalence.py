@@ -6,7 +6,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from fasttrain.engine.trainer import build_model, build_objective, make_accelerator  # noqa: E402
+from fasttrain.engine.trainer import build_model, make_accelerator  # noqa: E402
+from fasttrain.recipe import objective  # noqa: E402
 from fasttrain.methods import get_method  # noqa: E402
 from fasttrain.recipe import Recipe  # noqa: E402
 
@@ -27,7 +28,7 @@ def main(method_name: str, out: str) -> None:
     rows = slice(accelerator.process_index * share, (accelerator.process_index + 1) * share)
     model = accelerator.prepare(model)
     model.eval()  # BatchNorm on running statistics: per-process batch statistics would differ by design
-    loss, _ = build_objective(recipe, method)(model, [v[rows] for v in views], labels[rows])
+    loss, _ = objective(recipe)(model, [v[rows] for v in views], labels[rows])
     accelerator.backward(loss)
     grads = {n: p.grad.detach().clone() for n, p in accelerator.unwrap_model(model).named_parameters()
              if p.grad is not None}

@@ -1,5 +1,4 @@
 """The DALI backend on CPU: labels, layout, normalisation, views, sharding, evaluation counts, bad files."""
-import itertools
 import logging
 
 import numpy as np
@@ -10,26 +9,8 @@ from torchvision.datasets import ImageFolder
 
 pytest.importorskip("nvidia.dali")
 
-from conftest import make_image_folder  # noqa: E402
+from conftest import MEAN, PALETTE, STD, colour_folder, identities, make_image_folder, rgb  # noqa: E402
 from loaders import DataConfig, LoaderError, LoaderRequest, build_loader  # noqa: E402
-
-MEAN = torch.tensor(DataConfig().mean).view(1, 3, 1, 1)
-STD = torch.tensor(DataConfig().std).view(1, 3, 1, 1)
-# 64 colours 60 apart per channel: far beyond JPEG error, so a colour names its image.
-PALETTE = [np.array(c) for c in itertools.product((30, 90, 150, 210), repeat=3)]
-
-
-def colour_folder(root, counts, distinct=True):
-    """An ImageFolder of constant-colour JPEGs (image k has colour PALETTE[k]); counts per class."""
-    k = 0
-    for c, n in enumerate(counts):
-        (root / f"c{c}").mkdir(parents=True)
-        for i in range(n):
-            pixels = np.full((40, 52, 3), PALETTE[k if distinct else 25], np.uint8)
-            Image.fromarray(pixels).save(root / f"c{c}" / f"{i}.jpg", quality=95)
-            k += 1
-    return root
-
 
 def cfg_for(root, **kw):
     return DataConfig(train=root, val=root, image_size=16, num_workers=1, **kw)
@@ -38,19 +19,6 @@ def cfg_for(root, **kw):
 def dali(root, split="val", augment="center", batch_size=4, cfg=None, **kw):
     req = LoaderRequest(split=split, batch_size=batch_size, augment=augment, **kw)
     return build_loader("dali", cfg or cfg_for(root), req)
-
-
-def rgb(view):
-    """Un-normalised 0-255 values of a [B,3,H,W] batch."""
-    return (view.float() * STD + MEAN) * 255
-
-
-def identities(view):
-    """Palette index of each image of a constant-colour batch."""
-    means = rgb(view).mean(dim=(2, 3)).numpy()
-    ids = [int(np.argmin([np.abs(m - p).max() for p in PALETTE])) for m in means]
-    assert all(np.abs(m - PALETTE[i]).max() < 6 for m, i in zip(means, ids))
-    return ids
 
 
 def test_labels_and_pixels_match_torchvision(tmp_path):

@@ -4,13 +4,13 @@ import pytest
 import torch
 
 from fasttrain.engine.optim import build_optimizer, lr_factor, set_lr
-from fasttrain.engine.trainer import TrainStep, build_model, build_objective, make_accelerator
+from fasttrain.engine.trainer import TrainStep, build_model, make_accelerator
 from fasttrain.methods import get_method
-from fasttrain.recipe import OptimConfig, Recipe
+from fasttrain.recipe import OptimConfig, Recipe, objective
 
 
-def small_recipe(tmp_path, **train):
-    return Recipe.model_validate({"method": "selfcon", "model": {"arch": "resnet18", "stem": "cifar", "proj_dim": 8},
+def small_recipe(tmp_path, method="selfcon", **train):
+    return Recipe.model_validate({"method": method, "model": {"arch": "resnet18", "stem": "cifar", "proj_dim": 8},
                                   "train": {"precision": "fp32", "channels_last": False, **train},
                                   "run": {"dir": str(tmp_path)}})
 
@@ -41,13 +41,13 @@ def test_batchnorm_and_bias_excluded_from_weight_decay(name):
 
 
 def test_gradient_accumulation_steps_the_optimizer_every_k_micro_steps(tmp_path):
-    recipe = small_recipe(tmp_path, grad_accum_steps=2, batch_size=8)
+    recipe = small_recipe(tmp_path, "ce", grad_accum_steps=2, batch_size=8)
     accelerator = make_accelerator(recipe, log_with=())
-    method = get_method("selfcon")
+    method = get_method("ce")
     model = build_model(recipe, method, 3)
     optimizer = build_optimizer(model, recipe.optim)
     model, optimizer = accelerator.prepare(model, optimizer)
-    step = TrainStep(accelerator, model, build_objective(recipe, method), optimizer, total_updates=10,
+    step = TrainStep(accelerator, model, objective(recipe), optimizer, total_updates=10,
                      warmup_updates=0, final_lr_ratio=1e-3)
     before = [p.detach().clone() for p in model.parameters()]
     views, labels = (torch.randn(4, 3, 16, 16),), torch.tensor([0, 0, 1, 1])
@@ -55,6 +55,11 @@ def test_gradient_accumulation_steps_the_optimizer_every_k_micro_steps(tmp_path)
     assert step.updates == 0 and all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     step(views, labels)
     assert step.updates == 1 and not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_gradient_accumulation_of_a_contrastive_loss_is_refused_naming_the_keys(tmp_path):
+    with pytest.raises(ValueError, match="train.grad_accum_steps=2: a contrastive loss needs every feature"):
+        small_recipe(tmp_path, "supcon", grad_accum_steps=2, batch_size=8)
 
 
 def test_fp16_on_cpu_is_refused_with_the_key(tmp_path):
@@ -78,3 +83,15 @@ def test_throughput_starts_after_skip_steps_and_stops_at_stop(monkeypatch):
     speed.stop()  # t=12: 24 images in 2 s
     assert speed.images_per_second == pytest.approx(12.0)
     assert speed.images_per_second == pytest.approx(12.0)  # reading it later changes nothing
+
+
+def test_metrics_file_starts_fresh_or_keeps_the_rows_up_to_the_resumed_step(tmp_path):
+    from fasttrain.engine.metrics import MetricsFile
+    first = MetricsFile(tmp_path, True)
+    for step in (1, 2, 3, 4):
+        first.write({"kind": "train", "epoch": 1, "step": step, "loss": float(step)})
+    first.write({"kind": "knn", "epoch": 1, "step": 4, "backbone": 50.0})
+    resumed = MetricsFile(tmp_path, True, resume_step=2)  # the checkpoint was at step 2: 3 and 4 are redone
+    assert [(r["kind"], r["step"]) for r in resumed.read()] == [("train", 1), ("train", 2)]
+    assert len((tmp_path / "metrics.csv").read_text().splitlines()) == 1 + 2  # header + one value per row
+    assert MetricsFile(tmp_path, True).read() == []  # a fresh run: nothing of an older run is mixed in

@@ -53,7 +53,7 @@ def test_selfcon_loss_is_supcon_loss_over_exits():
     out = model(views[0])
     expected = supcon_loss(torch.stack(out.projections, dim=1), labels)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
-    assert set(logs) == {"loss", "loss/sub0", "loss/backbone"}
+    assert set(logs) == {"loss", "loss/sub0", "loss/backbone", "spread/sub0", "spread/backbone"}
 
 
 def test_supcon_contrasts_two_views_of_the_backbone():

@@ -92,3 +92,28 @@ def test_channels_last_and_bf16_autocast():
 def test_bad_settings_raise_value_error_naming_them(kwargs, match):
     with pytest.raises(ValueError, match=match):
         build_encoder(**kwargs)
+
+
+@pytest.mark.parametrize("head,layers", [("mlp", 3), ("mlp_bn", 4), ("linear", 1)])
+def test_projection_head_kinds(head, layers):
+    model = build_encoder("resnet18", stem="cifar", exits=["layer2"], proj_dim=16, head=head)
+    assert all(len(h) == layers for h in model.heads)
+    assert any(isinstance(m, torch.nn.BatchNorm1d) for m in model.heads.modules()) == (head == "mlp_bn")
+    out = model(torch.randn(4, 3, 16, 16))
+    assert [tuple(p.shape) for p in out.projections] == [(4, 16), (4, 16)]
+    with pytest.raises(ValueError, match="model.head='mlp_ln'"):
+        build_encoder("resnet18", head="mlp_ln")
+
+
+@pytest.mark.parametrize("kind", ["small", "same"])
+def test_sub_network_convolutions_get_the_backbones_init(kind):
+    """kaiming_normal_(fan_out) as torchvision inits the backbone (and the official code both),
+    not PyTorch's default kaiming_uniform_(a=sqrt(5)), whose std is ~2.4x smaller here."""
+    torch.manual_seed(0)
+    model = build_encoder("resnet18", exits=["layer2"], exit_kind=kind, zero_init_residual=True)
+    convs = [m for m in model.subnetworks.modules() if isinstance(m, torch.nn.Conv2d)]
+    for conv in convs:
+        fan_out = conv.out_channels * conv.kernel_size[0] * conv.kernel_size[1]
+        assert conv.weight.std().item() == pytest.approx((2 / fan_out) ** 0.5, rel=0.1)
+    blocks = [m for m in model.subnetworks.modules() if isinstance(m, torchvision.models.resnet.BasicBlock)]
+    assert blocks and all(torch.all(b.bn2.weight == 0) for b in blocks)  # zero_init_residual reaches them too

@@ -80,7 +80,15 @@ def test_each_method_trains_under_accelerate_launch(tmp_path, data, method):
             assert evaluation[name] is None
     assert "backbone" in proc.stdout  # the printed table
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2, 3]
+    train = [r for r in rows if r["kind"] == "train"]
+    assert [r["step"] for r in train] == [1, 2, 3]
+    exits = ["sub0", "backbone"] if method in ("selfcon", "selfcon_m") else ["backbone"]
+    assert all(0 <= r[f"spread/{e}"] <= 1.5 for r in train for e in exits) and all(r["grad_norm"] > 0 for r in train)
+    # the k-NN monitor: every exit and the ensemble, per epoch, in the metrics and in results.json
+    knn = [r for r in rows if r["kind"] == "knn"]
+    names = exits + (["ensemble"] if len(exits) > 1 else [])
+    assert [r["epoch"] for r in knn] == [1] and results["knn"] == [{k: knn[0][k] for k in ["epoch", *names]}]
+    assert all(0 <= knn[0][n] <= 100 for n in names) and "k-NN top-1" in proc.stdout
     assert (tmp_path / "run" / "checkpoint.pt").is_file()
 
 
@@ -219,3 +227,58 @@ def test_two_process_run_counts_every_validation_image_once(tmp_path, data):
     assert results["num_processes"] == 2
     assert results["steps"] == 3  # global batch 8 = 2 x 4 per process; 24 usable images -> 3 steps
     assert results["linear_eval"]["samples"] == 9  # 9 validation images, split 5 + 4, none padded
+
+
+@pytest.mark.slow
+def test_random_init_evaluates_the_untrained_encoder_beside_the_run(tmp_path, data):
+    recipe = write_recipe(tmp_path, data, "selfcon")
+    proc = launch("fasttrain/run.py", recipe, "--random-init", accelerate=False)
+    results = json.loads((tmp_path / "run" / "random_init.json").read_text())
+    assert not (tmp_path / "run" / "results.json").exists() and not (tmp_path / "run" / "checkpoint.pt").exists()
+    assert results["random_init"] is True and results["steps"] == 0 and "random initialisation" in proc.stdout
+    assert results["linear_eval"]["samples"] == 9 and results["linear_eval"]["subnetwork"] is not None
+    assert set(results["knn"][0]) == {"epoch", "sub0", "backbone", "ensemble"}
+
+
+@pytest.mark.slow
+def test_a_collapse_stop_exits_3_in_one_line_keeping_the_last_checkpoint(tmp_path, data):
+    # every spread is below a threshold of 2: the run counts as collapsed from its first logged step
+    recipe = write_recipe(tmp_path, data, "selfcon", schedule={"epochs": 3}, linear_eval={"enabled": False},
+                          monitor={"collapse_threshold": 2.0, "collapse_patience": 4, "on_collapse": "stop",
+                                   "knn_every": 0})
+    proc = launch("fasttrain/run.py", recipe, accelerate=False, check=False)
+    assert proc.returncode == 3 and "Traceback" not in proc.stderr
+    line = [l for l in proc.stderr.splitlines() if l.startswith("fasttrain:")]
+    assert len(line) == 1 and "collapse at step 5 (since step 1)" in line[0] and "exit sub0 spread" in line[0]
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["epoch"] == 1
+    assert not (tmp_path / "run" / "results.json").exists()
+
+
+@pytest.mark.slow
+def test_eval_only_describes_what_the_checkpoint_holds(tmp_path, data):
+    recipe = write_recipe(tmp_path, data, "selfcon", linear_eval={"enabled": False}, monitor={"knn_every": 0})
+    launch("fasttrain/run.py", recipe, accelerate=False)
+    launch("fasttrain/run.py", recipe, "--eval-only", tmp_path / "run" / "checkpoint.pt", "method=ce",
+           "model.arch=resnet34", "linear_eval.enabled=true", accelerate=False)
+    results = json.loads((tmp_path / "run" / "linear_eval.json").read_text())
+    assert (results["method"], results["arch"]) == ("selfcon", "resnet18")
+    assert results["linear_eval"]["subnetwork"] is not None
+
+
+@pytest.mark.slow
+def test_checkpoints_of_the_plain_head_evaluate_and_refuse_another_model(tmp_path, data):
+    recipe = write_recipe(tmp_path, data, "selfcon", model={"head": "mlp"}, linear_eval={"enabled": False},
+                          monitor={"knn_every": 0})
+    launch("fasttrain/run.py", recipe, accelerate=False)
+    path = tmp_path / "run" / "checkpoint.pt"
+    # resuming with another head: one line naming the checkpoint, nothing overwritten
+    before = path.read_bytes()
+    proc = launch("fasttrain/run.py", recipe, "model.head=mlp_bn", "schedule.epochs=2", accelerate=False, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"run.resume: {path} does not fit this model" in proc.stderr and path.read_bytes() == before
+    # a checkpoint written before `model.head` existed holds the plain head: it still evaluates
+    state = torch.load(path, weights_only=False)
+    del state["recipe"]["model"]["head"]
+    torch.save(state, path)
+    launch("fasttrain/run.py", recipe, "--eval-only", path, "linear_eval.enabled=true", accelerate=False)
+    assert json.loads((tmp_path / "run" / "linear_eval.json").read_text())["linear_eval"]["subnetwork"] is not None

@@ -4,7 +4,7 @@ classifier on the backbone feature and one on each sub-network feature, and thei
 from __future__ import annotations
 
 import math
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -33,16 +33,18 @@ def _batch(recipe: Recipe, accelerator: Accelerator) -> int:
     return max(1, recipe.linear_eval.batch_size // accelerator.num_processes)
 
 
-def _loader(recipe: Recipe, accelerator: Accelerator, split: str, augment: str):
+def eval_loader(recipe: Recipe, accelerator: Accelerator, split: str, augment: str, subset: Optional[int] = None):
+    """A one-view loader for evaluating a frozen encoder (linear evaluation, k-NN)."""
     batch = _batch(recipe, accelerator)
     return build_loader(recipe.loader, recipe.data, LoaderRequest(
         split=split, batch_size=batch, augment=augment, num_views=1, device=accelerator.device,
         rank=accelerator.process_index, world_size=accelerator.num_processes, seed=recipe.train.seed + 1,
-        channels_last=recipe.train.channels_last))
+        channels_last=recipe.train.channels_last, subset=subset))
 
 
 @torch.no_grad()
-def _encode(encoder: MultiExitResNet, accelerator: Accelerator, image: torch.Tensor) -> list[torch.Tensor]:
+def encode(encoder: MultiExitResNet, accelerator: Accelerator, image: torch.Tensor) -> list[torch.Tensor]:
+    """Pooled features of every exit (sub-networks first, backbone last), float32, no projection."""
     with accelerator.autocast():
         return [f.float() for f in encoder(image, project=False).features]
 
@@ -78,13 +80,13 @@ def classifier_eval(recipe: Recipe, accelerator: Accelerator, model: MultiExitRe
         with accelerator.autocast():
             return [model(image, project=False).logits.float()]
 
-    return evaluate(logits, _loader(recipe, accelerator, "val", "center"), accelerator, ["backbone"])
+    return evaluate(logits, eval_loader(recipe, accelerator, "val", "center"), accelerator, ["backbone"])
 
 
 def linear_eval(recipe: Recipe, accelerator: Accelerator, encoder: MultiExitResNet) -> dict:
     cfg = recipe.linear_eval
     encoder.eval().requires_grad_(False)
-    train = _loader(recipe, accelerator, "train", "center" if cfg.cache_features else "basic")
+    train = eval_loader(recipe, accelerator, "train", "center" if cfg.cache_features else "basic")
     classifiers = ExitClassifiers(encoder.num_exits, encoder.feature_dim, train.num_classes).to(accelerator.device)
     optimizer = torch.optim.SGD(classifiers.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay)
@@ -98,7 +100,7 @@ def linear_eval(recipe: Recipe, accelerator: Accelerator, encoder: MultiExitResN
     for epoch in range(cfg.epochs):
         train.set_epoch(epoch)
         batches = _reshuffled(cache, _batch(recipe, accelerator), epoch) if cache else (
-            (_encode(encoder, accelerator, views[0]), labels) for views, labels in train)
+            (encode(encoder, accelerator, views[0]), labels) for views, labels in train)
         bar = tqdm(batches, total=per_epoch, desc=f"linear eval {epoch + 1}/{cfg.epochs}",
                    disable=not accelerator.is_main_process, dynamic_ncols=True)
         for features, labels in bar:
@@ -115,18 +117,18 @@ def linear_eval(recipe: Recipe, accelerator: Accelerator, encoder: MultiExitResN
     with_subnet = encoder.num_exits > 1
 
     def logits(image):
-        per_exit = classifiers(_encode(encoder, accelerator, image))
+        per_exit = classifiers(encode(encoder, accelerator, image))
         return [per_exit[-1], per_exit[0], torch.stack(per_exit).mean(0)] if with_subnet else [per_exit[-1]]
 
     names = ["backbone", "subnetwork", "ensemble"] if with_subnet else ["backbone"]
-    return evaluate(logits, _loader(recipe, accelerator, "val", "center"), accelerator, names)
+    return evaluate(logits, eval_loader(recipe, accelerator, "val", "center"), accelerator, names)
 
 
 def _cache(loader, encoder, accelerator):
     """Encode the train split once: per-exit features [N, D] and labels [N] of this process."""
     features, labels = [], []
     for views, y in tqdm(loader, desc="encoding train split", disable=not accelerator.is_main_process):
-        features.append(_encode(encoder, accelerator, views[0]))
+        features.append(encode(encoder, accelerator, views[0]))
         labels.append(y)
     return [torch.cat(f) for f in zip(*features)], torch.cat(labels)
 

@@ -51,13 +51,15 @@ def _status_kib(field: str) -> int:
 
 
 class Throughput:
-    """Images per second from the ``skip``-th step (after compilation and warm-up) to ``stop()``.
-    Both ends wait for the device, so on a GPU the clock brackets finished work, not queued kernels."""
+    """Images per second of the training steps after the ``skip``-th (compilation and warm-up).
+    The clock runs from that step to ``stop()`` (an epoch's end) and again from ``resume()`` (the
+    next epoch's start), so epoch-end work (checkpoints, k-NN) is not counted. Both ends wait for
+    the device, so on a GPU the clock brackets finished work, not queued kernels."""
 
     def __init__(self, device: torch.device, skip: int = 2):
         self.device, self.skip, self.steps, self.images = device, skip, 0, 0
-        self.start: Optional[float] = None
-        self.end: Optional[float] = None
+        self.elapsed = 0.0
+        self.start: Optional[float] = None  # set while the clock runs
 
     def _now(self) -> float:
         if self.device.type == "cuda":
@@ -66,7 +68,6 @@ class Throughput:
 
     def update(self, images: int) -> None:
         self.steps += 1
-        self.end = None
         if self.steps == self.skip:
             self.start = self._now()
         elif self.steps > self.skip:
@@ -75,21 +76,44 @@ class Throughput:
     def stop(self) -> None:
         """The clock stops here (end of an epoch's steps), not when the value is read."""
         if self.start is not None:
-            self.end = self._now()
+            self.elapsed += self._now() - self.start
+            self.start = None
+
+    def resume(self) -> None:
+        if self.steps >= self.skip and self.start is None:
+            self.start = self._now()
 
     @property
     def images_per_second(self) -> Optional[float]:
-        if self.start is None or not self.images:
+        if not self.images:
             return None
-        return self.images / ((self.end or time.perf_counter()) - self.start)
+        running = time.perf_counter() - self.start if self.start is not None else 0.0
+        if self.elapsed + running <= 0:
+            return None
+        return self.images / (self.elapsed + running)
 
 
 class MetricsFile:
-    """Appends one row per record to ``metrics.jsonl`` and ``metrics.csv`` (main process only)."""
+    """Appends one row per record to ``metrics.jsonl`` and ``metrics.csv`` (main process only).
 
-    def __init__(self, run_dir: Path, enabled: bool):
+    A run that starts afresh starts empty files; a resumed run keeps the rows up to the step it
+    resumes from (``resume_step``) and drops what an interrupted run logged after its checkpoint."""
+
+    def __init__(self, run_dir: Path, enabled: bool, resume_step: Optional[int] = None):
         self.enabled = enabled
         self.jsonl, self.csv = Path(run_dir) / "metrics.jsonl", Path(run_dir) / "metrics.csv"
+        if not enabled:
+            return
+        kept = [r for r in self.read() if r["step"] <= resume_step] if resume_step is not None else []
+        self.jsonl.unlink(missing_ok=True)
+        self.csv.unlink(missing_ok=True)
+        for row in kept:
+            self.write(row)
+
+    def read(self) -> list[dict]:
+        if not self.jsonl.is_file():
+            return []
+        return [json.loads(line) for line in self.jsonl.read_text().splitlines() if line.strip()]
 
     def write(self, row: dict) -> None:
         if not self.enabled:

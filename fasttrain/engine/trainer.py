@@ -15,11 +15,13 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from fasttrain.engine import checkpoint
+from fasttrain.engine.knn import KNNMonitor
 from fasttrain.engine.metrics import MetricsFile, PeakMemory, Throughput
 from fasttrain.engine.optim import build_optimizer, lr_factor, set_lr
 from fasttrain.methods import Method, Objective, get_method
 from fasttrain.models import MultiExitResNet, build_encoder
-from fasttrain.recipe import Recipe, RecipeError, dump_recipe
+from fasttrain.monitors import CollapseWatch
+from fasttrain.recipe import Recipe, RecipeError, dump_recipe, objective
 from loaders import LoaderRequest, build_loader
 
 log = logging.getLogger("fasttrain")
@@ -30,6 +32,9 @@ def make_accelerator(recipe: Recipe, *, log_with=("tensorboard",)) -> Accelerato
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path.home() / ".cache" / "fasttrain" / "inductor"))
     if recipe.train.precision == "fp16" and not torch.cuda.is_available():
         raise RecipeError("train.precision=fp16: needs a GPU (use bf16 or fp32 on CPU)")
+    if recipe.train.precision == "bf16" and not torch.cuda.is_available() and not _native_cpu_bf16():
+        log.warning("train.precision=bf16: this CPU has no native bf16 (AVX512-BF16/AMX); autocast emulates it, "
+                    "many times slower than train.precision=fp32")
     try:
         accelerator = Accelerator(mixed_precision=PRECISION[recipe.train.precision],
                                   gradient_accumulation_steps=recipe.train.grad_accum_steps,
@@ -46,6 +51,13 @@ def make_accelerator(recipe: Recipe, *, log_with=("tensorboard",)) -> Accelerato
     return accelerator
 
 
+def _native_cpu_bf16() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return True  # cannot tell: say nothing
+
+
 def per_process_batch(recipe: Recipe, accelerator: Accelerator) -> int:
     parts = accelerator.num_processes * recipe.train.grad_accum_steps
     if recipe.train.batch_size % parts:
@@ -57,13 +69,9 @@ def per_process_batch(recipe: Recipe, accelerator: Accelerator) -> int:
 def build_model(recipe: Recipe, method: Method, num_classes: int) -> MultiExitResNet:
     m = recipe.model
     return build_encoder(m.arch, stem=m.stem, exits=m.exits if method.uses_subnetwork else (),
-                         exit_kind=m.exit_kind, proj_dim=m.proj_dim, zero_init_residual=m.zero_init_residual,
+                         exit_kind=m.exit_kind, proj_dim=m.proj_dim, head=m.head,
+                         zero_init_residual=m.zero_init_residual,
                          num_classes=num_classes if not method.contrastive else None)
-
-
-def build_objective(recipe: Recipe, method: Method) -> Objective:
-    return Objective(method, temperature=recipe.loss.temperature, base_temperature=recipe.loss.base_temperature,
-                     label_smoothing=recipe.loss.label_smoothing, alpha=recipe.loss.alpha)
 
 
 class TrainStep:
@@ -71,9 +79,10 @@ class TrainStep:
     the last micro-step of an accumulation, the lr update and optimizer step."""
 
     def __init__(self, accelerator: Accelerator, model, objective: Objective, optimizer, total_updates: int,
-                 warmup_updates: int, final_lr_ratio: float, updates: int = 0):
+                 warmup_updates: int, final_lr_ratio: float, updates: int = 0, clip_grad_norm: Optional[float] = None):
         self.accelerator, self.model, self.objective, self.optimizer = accelerator, model, objective, optimizer
         self.total_updates, self.warmup_updates, self.final_lr_ratio = total_updates, warmup_updates, final_lr_ratio
+        self.max_grad_norm = clip_grad_norm or float("inf")  # inf: measured and logged, never clipped
         self.updates = updates  # optimizer updates done; the lr is derived from it
         self.lr = set_lr(optimizer, lr_factor(updates, total_updates, warmup_updates, final_lr_ratio))
 
@@ -82,6 +91,7 @@ class TrainStep:
             loss, logs = self.objective(self.model, views, labels)
             self.accelerator.backward(loss)
             if self.accelerator.sync_gradients:
+                logs["grad_norm"] = self.accelerator.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
                 self.lr = set_lr(self.optimizer, lr_factor(self.updates, self.total_updates, self.warmup_updates,
                                                            self.final_lr_ratio))
                 self.updates += 1
@@ -100,6 +110,7 @@ class TrainResult:
     peak_memory_bytes: int
     peak_memory_kind: str
     skipped_images: int
+    knn: list[dict]  # per evaluated epoch: {"epoch", <exit>: top-1 %, ..., "ensemble"}
 
 
 def train(recipe: Recipe, accelerator: Accelerator) -> TrainResult:
@@ -130,20 +141,29 @@ def train(recipe: Recipe, accelerator: Accelerator) -> TrainResult:
                           f"{micro_steps} steps of an epoch")
     micro_steps = updates_per_epoch * recipe.train.grad_accum_steps
     start_epoch, updates = _resume(recipe, model, optimizer, accelerator)
+    num_exits = model.num_exits
     model, optimizer = accelerator.prepare(model, optimizer)
-    step = TrainStep(accelerator, model, build_objective(recipe, method), optimizer,
+    loss_fn = objective(recipe)
+    step = TrainStep(accelerator, model, loss_fn, optimizer,
                      total_updates=updates_per_epoch * recipe.schedule.epochs,
                      warmup_updates=round(recipe.schedule.warmup_epochs * updates_per_epoch),
-                     final_lr_ratio=recipe.schedule.final_lr_ratio, updates=updates)
+                     final_lr_ratio=recipe.schedule.final_lr_ratio, updates=updates,
+                     clip_grad_norm=recipe.optim.clip_grad_norm)
 
     accelerator.init_trackers("fasttrain")
-    metrics = MetricsFile(run_dir, main)
+    metrics = MetricsFile(run_dir, main, resume_step=updates if start_epoch else None)
     speed, memory = Throughput(accelerator.device), PeakMemory(accelerator.device)
     memory.reset()
     images_per_step = batch * accelerator.num_processes
+    watch = CollapseWatch(recipe.monitor.collapse_threshold, recipe.monitor.collapse_patience,
+                          stop=recipe.monitor.on_collapse == "stop",
+                          loss_at_collapse=loss_fn.loss_at_collapse(images_per_step, num_exits))
+    knn = KNNMonitor(recipe, accelerator) if recipe.monitor.knn_every else None
+    knn_curve = [{k: v for k, v in r.items() if k not in ("kind", "step")} for r in metrics.read() if r["kind"] == "knn"]
     for epoch in range(start_epoch, recipe.schedule.epochs):
         model.train()
         loader.set_epoch(epoch)
+        speed.resume()
         bar = tqdm(total=micro_steps, desc=f"epoch {epoch + 1}/{recipe.schedule.epochs}", disable=not main,
                    dynamic_ncols=True, leave=True)
         for index, (views, labels) in enumerate(loader):
@@ -154,17 +174,26 @@ def train(recipe: Recipe, accelerator: Accelerator) -> TrainResult:
             bar.update(1)
             if (index + 1) % recipe.train.log_every == 0 or index + 1 == micro_steps:
                 row = _log_row(accelerator, logs, step, speed)
-                bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{step.lr:.3g}",
+                spreads = "/".join(f"{row[k]:.2f}" for k in sorted(row) if k.startswith("spread/"))
+                bar.set_postfix(loss=f"{row['loss']:.4f}", spread=spreads, lr=f"{step.lr:.3g}",
                                 img_s=f"{row.get('images_per_second') or 0:.0f}")
                 accelerator.log(row, step=step.updates)
                 metrics.write({"kind": "train", "epoch": epoch + 1, "step": step.updates, **row})
+                watch(row, step.updates)
         speed.stop()
         bar.close()
         if epoch + 1 == recipe.schedule.epochs or (epoch + 1) % recipe.run.checkpoint_every == 0:
             _save(recipe, accelerator, model, optimizer, epoch + 1, step.updates)
+        if knn and ((epoch + 1) % recipe.monitor.knn_every == 0 or epoch + 1 == recipe.schedule.epochs):
+            accuracy = knn(_plain(accelerator, model))
+            knn_curve.append({"epoch": epoch + 1, **accuracy})
+            accelerator.log({f"knn/{k}": v for k, v in accuracy.items()}, step=step.updates)
+            metrics.write({"kind": "knn", "epoch": epoch + 1, "step": step.updates, **accuracy})
+            if main:
+                tqdm.write(f"epoch {epoch + 1}: k-NN top-1 " + ", ".join(f"{k} {v:.2f}%" for k, v in accuracy.items()))
     accelerator.wait_for_everyone()
     return TrainResult(_plain(accelerator, model), method, recipe.schedule.epochs, step.updates,
-                       speed.images_per_second, memory.peak_bytes(), memory.kind, len(loader.skipped))
+                       speed.images_per_second, memory.peak_bytes(), memory.kind, len(loader.skipped), knn_curve)
 
 
 def _plain(accelerator: Accelerator, model) -> MultiExitResNet:
@@ -204,7 +233,7 @@ def _resume(recipe: Recipe, model, optimizer, accelerator: Accelerator) -> tuple
     if (state["method"], state["arch"]) != (recipe.method, recipe.model.arch):
         raise RecipeError(f"run.resume: {path} holds {state['method']}/{state['arch']}, the recipe asks for "
                           f"{recipe.method}/{recipe.model.arch}")
-    model.load_state_dict(state["model"])
+    checkpoint.load_weights(model, state, f"run.resume: {path}")
     optimizer.load_state_dict(state["optimizer"])
     if "scaler" in state and accelerator.scaler is not None:
         accelerator.scaler.load_state_dict(state["scaler"])

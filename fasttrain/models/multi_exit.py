@@ -22,6 +22,7 @@ STAGES = ("layer1", "layer2", "layer3", "layer4")
 EXIT_POINTS = STAGES[:3]
 EXIT_KINDS = ("fc", "small", "same")
 STEMS = ("imagenet", "cifar")
+HEADS = ("mlp", "mlp_bn", "linear")
 
 
 class EncoderOutput(NamedTuple):
@@ -31,10 +32,24 @@ class EncoderOutput(NamedTuple):
 
 
 class ProjectionHead(nn.Sequential):
-    """Linear d->d, ReLU, Linear d->proj_dim; the output is L2-normalised in forward."""
+    """The projection of one exit, L2-normalised in forward.
 
-    def __init__(self, dim: int, proj_dim: int):
-        super().__init__(nn.Linear(dim, dim), nn.ReLU(inplace=True), nn.Linear(dim, proj_dim))
+    ``mlp``: Linear d->d, ReLU, Linear d->proj_dim (the official SupCon/SelfCon head).
+    ``mlp_bn``: the same with BatchNorm on the hidden layer (SimCLR v2, MoCo v3). It keeps the
+    hidden units centred across the batch, so projections of different images do not start
+    (and cannot end) all alike: see the README's "Collapse" section for why that matters here.
+    ``linear``: Linear d->proj_dim.
+    """
+
+    def __init__(self, dim: int, proj_dim: int, kind: str = "mlp_bn"):
+        _check("model.head", kind, HEADS)
+        if kind == "linear":
+            super().__init__(nn.Linear(dim, proj_dim))
+        elif kind == "mlp_bn":
+            super().__init__(nn.Linear(dim, dim, bias=False), nn.BatchNorm1d(dim), nn.ReLU(inplace=True),
+                             nn.Linear(dim, proj_dim))
+        else:
+            super().__init__(nn.Linear(dim, dim), nn.ReLU(inplace=True), nn.Linear(dim, proj_dim))
 
     def forward(self, x):
         return F.normalize(super().forward(x), dim=1)
@@ -49,6 +64,23 @@ def _make_stage(block, inplanes: int, planes: int, blocks: int, stride: int) -> 
     layers = [block(inplanes, planes, stride, downsample)]
     layers += [block(planes * block.expansion, planes) for _ in range(1, blocks)]
     return nn.Sequential(*layers)
+
+
+def init_like_torchvision(module: nn.Module, zero_init_residual: bool = False) -> None:
+    """torchvision's ResNet init (kaiming fan_out convs, BatchNorm 1/0, optionally the last BN of
+    each residual branch at 0), for modules built outside ``tv.ResNet``: the sub-networks, as the
+    official code inits backbone and sub-networks alike."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+            nn.init.constant_(m.weight, 1)
+            nn.init.constant_(m.bias, 0)
+    for m in module.modules() if zero_init_residual else ():  # after the pass above, which would undo it
+        if isinstance(m, tv.Bottleneck):
+            nn.init.constant_(m.bn3.weight, 0)
+        elif isinstance(m, tv.BasicBlock):
+            nn.init.constant_(m.bn2.weight, 0)
 
 
 def _pool() -> nn.Sequential:
@@ -73,8 +105,8 @@ def build_subnetwork(arch: str, exit_point: str, kind: str) -> nn.Sequential:
 
 class MultiExitResNet(nn.Module):
     def __init__(self, arch: str = "resnet50", *, stem: str = "imagenet", exits: Sequence[str] = ("layer2",),
-                 exit_kind: str = "fc", proj_dim: int = 128, num_classes: Optional[int] = None,
-                 zero_init_residual: bool = False):
+                 exit_kind: str = "fc", proj_dim: int = 128, head: str = "mlp_bn",
+                 num_classes: Optional[int] = None, zero_init_residual: bool = False):
         super().__init__()
         _check("arch", arch, ARCHS)
         _check("stem", stem, STEMS)
@@ -99,12 +131,17 @@ class MultiExitResNet(nn.Module):
         self.pool = _pool()
         self.feature_dim = 512 * block.expansion
         self.subnetworks = nn.ModuleDict({p: build_subnetwork(arch, p, exit_kind) for p in self.exit_points})
-        self.heads = nn.ModuleList(ProjectionHead(self.feature_dim, proj_dim) for _ in range(self.num_exits))
+        init_like_torchvision(self.subnetworks, zero_init_residual)
+        self.heads = nn.ModuleList(ProjectionHead(self.feature_dim, proj_dim, head) for _ in range(self.num_exits))
         self.classifier = nn.Linear(self.feature_dim, num_classes) if num_classes else None
 
     @property
     def num_exits(self) -> int:
         return len(self.exit_points) + 1
+
+    @property
+    def exit_names(self) -> list[str]:
+        return exit_names(self.num_exits)
 
     def backbone_parameters(self):
         """F's own parameters: stem and the four stages (what torchvision's resnet has, less `fc`)."""
@@ -122,6 +159,11 @@ class MultiExitResNet(nn.Module):
         projections = [head(f) for head, f in zip(self.heads, features)] if project else []
         logits = self.classifier(features[-1]) if self.classifier is not None else None
         return EncoderOutput(features, projections, logits)
+
+
+def exit_names(num_exits: int) -> list[str]:
+    """Names of the exits in EncoderOutput order: sub0, sub1, ..., backbone."""
+    return [f"sub{i}" for i in range(num_exits - 1)] + ["backbone"]
 
 
 def _check(key: str, value, allowed) -> None:

@@ -1,0 +1,86 @@
+"""Online k-NN accuracy of every exit and of their ensemble: is the encoder learning, epoch by epoch?
+
+The model in eval mode encodes a feature bank (a seeded subset of the train split, center crops,
+the same images every time, gathered across processes) and a seeded subset of the validation
+split; each validation image is classified by a weighted vote of its k nearest bank features
+(solo-learn's and InstDisc's rule: cosine similarity, weights exp(sim / T), k = 20, T = 0.07).
+The ensemble adds the exits' normalised votes. A torch top-k over a dense similarity chunk is
+all this needs at bank sizes that cost a small fraction of an epoch, so no index library is used.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from fasttrain.engine.linear_eval import encode, eval_loader
+from fasttrain.models import MultiExitResNet, exit_names
+from fasttrain.recipe import Recipe
+
+
+@torch.no_grad()
+def knn_votes(query: torch.Tensor, bank: torch.Tensor, bank_labels: torch.Tensor, num_classes: int, k: int = 20,
+              temperature: float = 0.07, chunk: int = 1024) -> torch.Tensor:
+    """Class votes ``[Q, C]`` (rows sum to 1) of ``query [Q, D]`` from its k nearest rows of ``bank [N, D]``."""
+    query, bank = F.normalize(query.float(), dim=1), F.normalize(bank.float(), dim=1)
+    k = min(k, bank.shape[0])
+    votes = []
+    for rows in query.split(chunk):
+        sim, index = (rows @ bank.T).topk(k, dim=1)
+        weights = (sim / temperature).exp()
+        scores = torch.zeros(rows.shape[0], num_classes, device=rows.device)
+        votes.append(scores.scatter_add_(1, bank_labels[index], weights))
+    votes = torch.cat(votes)
+    return votes / votes.sum(1, keepdim=True)
+
+
+def _gather_rows(accelerator: Accelerator, x: torch.Tensor) -> torch.Tensor:
+    """Rows of every process (their counts may differ by one batch), in process order."""
+    if accelerator.num_processes == 1:
+        return x
+    counts = accelerator.gather(torch.tensor([x.shape[0]], device=x.device)).tolist()
+    padded = accelerator.gather(accelerator.pad_across_processes(x, dim=0))
+    longest = max(counts)
+    return torch.cat([padded[i * longest: i * longest + n] for i, n in enumerate(counts)])
+
+
+class KNNMonitor:
+    """``monitor(model) -> {exit: top-1 %, ..., "ensemble": top-1 %}``. Its loaders are built here,
+    so that a missing or unusable split stops a run before its first step, not after an epoch."""
+
+    def __init__(self, recipe: Recipe, accelerator: Accelerator):
+        self.accelerator, self.cfg = accelerator, recipe.monitor
+        self.loaders = (eval_loader(recipe, accelerator, "train", "center", self.cfg.knn_bank),
+                        eval_loader(recipe, accelerator, "val", "center", self.cfg.knn_val))
+
+    def _features(self, model: MultiExitResNet, loader, desc: str):
+        features, labels = [], []
+        for views, y in tqdm(loader, desc=desc, leave=False, disable=not self.accelerator.is_main_process,
+                             dynamic_ncols=True):
+            features.append(encode(model, self.accelerator, views[0]))
+            labels.append(y)
+        return [torch.cat(f) for f in zip(*features)], torch.cat(labels)
+
+    @torch.no_grad()
+    def __call__(self, model: MultiExitResNet) -> dict:
+        bank_loader, val_loader = self.loaders
+        was_training = model.training
+        model.eval()
+        bank, bank_labels = self._features(model, bank_loader, "k-NN bank")
+        bank = [_gather_rows(self.accelerator, f) for f in bank]
+        bank_labels = _gather_rows(self.accelerator, bank_labels)
+        query, labels = self._features(model, val_loader, "k-NN val")
+        model.train(was_training)
+
+        classes = max(bank_loader.num_classes, val_loader.num_classes)
+        votes = [knn_votes(q, b, bank_labels, classes, self.cfg.knn_k, self.cfg.knn_temperature)
+                 for q, b in zip(query, bank)]
+        names = exit_names(len(votes))
+        if len(votes) > 1:
+            votes.append(torch.stack(votes).sum(0))
+            names.append("ensemble")
+        correct = torch.stack([(v.argmax(1) == labels).sum() for v in votes]).float()
+        correct = self.accelerator.reduce(correct, reduction="sum")
+        seen = self.accelerator.reduce(torch.tensor(float(labels.numel()), device=correct.device), reduction="sum")
+        return {name: 100 * c / max(1.0, seen.item()) for name, c in zip(names, correct.tolist())}

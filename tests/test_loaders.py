@@ -1,0 +1,54 @@
+"""The loader contract shared by every backend: a seeded subset, and evaluation reads of either split."""
+import numpy as np
+import pytest
+
+from conftest import colour_folder, identities
+from loaders import DataConfig, LoaderRequest, build_loader, subset_indices
+
+BACKENDS = ["torchvision", "dali", "ffcv"]
+
+
+def test_subset_indices_are_seeded_sorted_and_bounded():
+    a = subset_indices(100, 30, seed=3)
+    assert len(a) == 30 and len(set(a.tolist())) == 30 and list(a) == sorted(a)
+    assert np.array_equal(a, subset_indices(100, 30, seed=3))
+    assert not np.array_equal(a, subset_indices(100, 30, seed=4))
+    assert np.array_equal(subset_indices(10, None, 0), np.arange(10))
+    assert np.array_equal(subset_indices(10, 50, 0), np.arange(10))
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    """The same 20 constant-colour images as a folder and (if ffcv is installed) as a .beton file."""
+    root = colour_folder(tmp_path_factory.mktemp("subset") / "images", [5, 5, 5, 5])
+    paths = {"torchvision": root, "dali": root}
+    try:
+        from loaders.ffcv_convert import convert
+    except ImportError:
+        return paths
+    beton = root.parent / "images.beton"
+    convert(root, beton, write_mode="raw", num_workers=1)
+    return {**paths, "ffcv": beton}
+
+
+def read(backend, source, split, subset, rank=0, world_size=1):
+    pytest.importorskip({"dali": "nvidia.dali", "ffcv": "ffcv"}.get(backend, "torch"))
+    cfg = DataConfig(train=source, val=source, image_size=16, val_resize_ratio=1.0, num_workers=1 if backend != "torchvision" else 0)
+    loader = build_loader(backend, cfg, LoaderRequest(split=split, batch_size=3, augment="center", subset=subset,
+                                                      rank=rank, world_size=world_size, seed=5))
+    return [i for views, _ in loader for i in identities(views[0])], loader.num_samples
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("split", ["val", "train"])
+def test_a_subset_is_read_whole_once_across_processes(sources, backend, split):
+    """7 of 20 images, 2 processes, batches of 3: every chosen image exactly once, partial batches kept,
+    whichever split a center-cropped (evaluation) read is of."""
+    expected = subset_indices(20, 7, seed=5).tolist()
+    seen, counts = [], 0
+    for rank in range(2):
+        ids, num_samples = read(backend, sources[backend], split, 7, rank, 2)
+        seen += ids
+        counts += num_samples
+    assert sorted(seen) == expected and counts == 7
+    assert sorted(read(backend, sources[backend], split, None)[0]) == list(range(20))
