@@ -90,6 +90,7 @@ def measure(args) -> dict:
                       "max_steps_per_epoch": args.steps, "log_every": args.steps},
             "schedule": {"epochs": 1, "warmup_epochs": 0},
             "linear_eval": {"enabled": False},
+            "monitor": {"knn_every": 0},  # the epoch-end k-NN is evaluation, not training throughput
             "run": {"dir": run_dir, "resume": "never"},
         })
         accelerator = make_accelerator(recipe, log_with=())

@@ -164,24 +164,23 @@ def train(recipe: Recipe, accelerator: Accelerator) -> TrainResult:
         model.train()
         loader.set_epoch(epoch)
         speed.resume()
-        bar = tqdm(total=micro_steps, desc=f"epoch {epoch + 1}/{recipe.schedule.epochs}", disable=not main,
-                   dynamic_ncols=True, leave=True)
-        for index, (views, labels) in enumerate(loader):
-            if index == micro_steps:
-                break
-            loss, logs = step(views, labels)
-            speed.update(images_per_step)
-            bar.update(1)
-            if (index + 1) % recipe.train.log_every == 0 or index + 1 == micro_steps:
-                row = _log_row(accelerator, logs, step, speed)
-                spreads = "/".join(f"{row[k]:.2f}" for k in sorted(row) if k.startswith("spread/"))
-                bar.set_postfix(loss=f"{row['loss']:.4f}", spread=spreads, lr=f"{step.lr:.3g}",
-                                img_s=f"{row.get('images_per_second') or 0:.0f}")
-                accelerator.log(row, step=step.updates)
-                metrics.write({"kind": "train", "epoch": epoch + 1, "step": step.updates, **row})
-                watch(row, step.updates)
+        with tqdm(total=micro_steps, desc=f"epoch {epoch + 1}/{recipe.schedule.epochs}", disable=not main,
+                  dynamic_ncols=True, leave=True) as bar:  # closed on any exception: error lines start a line
+            for index, (views, labels) in enumerate(loader):
+                if index == micro_steps:
+                    break
+                loss, logs = step(views, labels)
+                speed.update(images_per_step)
+                bar.update(1)
+                if (index + 1) % recipe.train.log_every == 0 or index + 1 == micro_steps:
+                    row = _log_row(accelerator, logs, step, speed)
+                    spreads = "/".join(f"{row[k]:.2f}" for k in sorted(row) if k.startswith("spread/"))
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", spread=spreads, lr=f"{step.lr:.3g}",
+                                    img_s=f"{row.get('images_per_second') or 0:.0f}")
+                    accelerator.log(row, step=step.updates)
+                    metrics.write({"kind": "train", "epoch": epoch + 1, "step": step.updates, **row})
+                    watch(row, step.updates)
         speed.stop()
-        bar.close()
         if epoch + 1 == recipe.schedule.epochs or (epoch + 1) % recipe.run.checkpoint_every == 0:
             _save(recipe, accelerator, model, optimizer, epoch + 1, step.updates)
         if knn and ((epoch + 1) % recipe.monitor.knn_every == 0 or epoch + 1 == recipe.schedule.epochs):
