@@ -15,29 +15,39 @@ from torch.distributed.nn.functional import all_gather as all_gather_with_grad
 _MASKED = -1e9  # stands in for -inf on the diagonal: exp() is 0, and nothing downstream turns NaN
 
 
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
 def _gather(features: torch.Tensor, labels: Optional[torch.Tensor]):
-    """Features and labels of every process, features with gradient (all_gather's backward sums
-    the gradients of all processes, so DDP's gradient mean gives the global-batch gradient)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    """The contrast set: features of every process (with gradient: all_gather's backward sums the
+    gradients of all processes into each one's own rows), their labels, and where this process's
+    rows start in it. Every process holds the same number of rows."""
+    world, rank = _world()
+    if world == 1:
         return features, labels, 0
-    world, rank = dist.get_world_size(), dist.get_rank()
-    features = torch.cat(all_gather_with_grad(features.contiguous()), dim=0)
+    gathered = torch.cat(all_gather_with_grad(features.contiguous()), dim=0)
     if labels is not None:
-        gathered = [torch.empty_like(labels) for _ in range(world)]
-        dist.all_gather(gathered, labels.contiguous())
-        labels = torch.cat(gathered)
-    return features, labels, rank
+        parts = [torch.empty_like(labels) for _ in range(world)]
+        dist.all_gather(parts, labels.contiguous())
+        labels = torch.cat(parts)
+    return gathered, labels, rank * features.shape[0]
 
 
 def supcon_terms(features: torch.Tensor, labels: Optional[torch.Tensor] = None, *, temperature: float = 0.1,
                  base_temperature: float = 0.07, anchor_views: Optional[Sequence[int]] = None):
-    """Per-anchor losses ``[B_global, A]`` and the mask of anchors that have a positive.
+    """Per-anchor losses ``[B, A]`` of this process's anchors and the mask of those that have a positive.
 
-    ``A = len(anchor_views)``. Exposed so that methods can log a loss per exit at no extra cost.
+    ``A = len(anchor_views)``. Anchors are this process's own features; their contrast set is the
+    batch of every process. Cost: one ``[B*A, B_global*V]`` logits matrix per process (plus its
+    softmax and gradient in backward): no boolean masks, the positives' logits are summed from
+    per-label sums of the contrast features, and the anchor itself is masked by index.
     """
     if features.dim() != 3:
         raise ValueError(f"features must be [B, V, D], got shape {tuple(features.shape)}")
-    batch, views, _ = features.shape
+    batch, views, dim = features.shape
     if labels is not None and labels.shape != (batch,):
         raise ValueError(f"labels must be [B]={batch}, got shape {tuple(labels.shape)}")
     anchor_views = list(range(views)) if anchor_views is None else list(anchor_views)
@@ -47,33 +57,45 @@ def supcon_terms(features: torch.Tensor, labels: Optional[torch.Tensor] = None, 
         raise ValueError(f"temperature={temperature}, base_temperature={base_temperature} must be positive")
 
     with torch.autocast(features.device.type, enabled=False):
-        feats, labels, _ = _gather(features.float(), labels)
-        batch = feats.shape[0]
-        if labels is None:  # self-supervised: positives are the other features of the same row
-            labels = torch.arange(batch, device=feats.device)
-        labels = labels.to(feats.device)
-        contrast = feats.reshape(batch * views, -1)  # row b*V + v
-        anchors = feats[:, anchor_views].reshape(batch * len(anchor_views), -1)
-        logits = anchors @ contrast.T / temperature  # [B*A, B*V]
+        own = features.float()
+        contrast, all_labels, offset = _gather(own, labels)
+        device, anchors_per_row = own.device, len(anchor_views)
+        if all_labels is None:  # self-supervised: positives are the other features of the same row
+            all_labels = torch.arange(contrast.shape[0], device=device)
+        flat = contrast.reshape(-1, dim)  # row b*V + v of the global batch
+        anchors = own[:, anchor_views].reshape(-1, dim)  # row b*A + a of this process
+        logits = (anchors / temperature) @ flat.T  # [B*A, B_global*V]
+        rows = torch.arange(batch, device=device).repeat_interleave(anchors_per_row)
+        own_column = (offset + rows) * views + torch.tensor(anchor_views, device=device).repeat(batch)
+        # in place: the matmul keeps its inputs, not its output, for backward
+        logits[torch.arange(logits.shape[0], device=device), own_column] = _MASKED
+        log_norm = torch.logsumexp(logits, dim=1)
 
-        anchor_rows = torch.arange(batch, device=feats.device).repeat_interleave(len(anchor_views))
-        anchor_cols = torch.tensor(anchor_views, device=feats.device).repeat(batch)
-        is_self = torch.zeros_like(logits, dtype=torch.bool)
-        is_self[torch.arange(logits.shape[0], device=feats.device), anchor_rows * views + anchor_cols] = True
-
-        logits = logits - logits.detach().max(dim=1, keepdim=True).values
-        log_norm = torch.logsumexp(logits.masked_fill(is_self, _MASKED), dim=1, keepdim=True)
-        log_prob = logits - log_norm
-        positive = (labels[anchor_rows, None] == labels.repeat_interleave(views)[None, :]) & ~is_self
-        num_pos = positive.sum(dim=1)
-        mean_log_prob = torch.where(positive, log_prob, 0.0).sum(dim=1) / num_pos.clamp(min=1)
+        label_ids, label_index = torch.unique(all_labels.to(device), return_inverse=True)
+        per_feature = label_index.repeat_interleave(views)
+        sums = torch.zeros(len(label_ids), dim, device=device).index_add_(0, per_feature, flat)
+        counts = torch.bincount(per_feature, minlength=len(label_ids))
+        anchor_label = label_index[offset + rows]
+        num_pos = counts[anchor_label] - 1  # every feature with the anchor's label, less itself
+        positive_logits = (anchors * (sums[anchor_label] - anchors)).sum(1) / temperature
+        mean_log_prob = positive_logits / num_pos.clamp(min=1) - log_norm
         loss = -(temperature / base_temperature) * mean_log_prob
-    return loss.view(batch, len(anchor_views)), (num_pos > 0).view(batch, len(anchor_views))
+    return loss.view(batch, anchors_per_row), (num_pos > 0).view(batch, anchors_per_row)
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean over the masked entries; 0 (with a gradient path) when none is left."""
-    return torch.where(mask, values, 0.0).sum() / mask.sum().clamp(min=1)
+    """Mean over the masked entries of every process; 0 (with a gradient path) when none is left.
+
+    Each process sums its own entries and divides by the global count times 1/world: the mean of
+    the processes' values is the global mean, and DDP's average of their gradients is the gradient
+    of the global mean (the gather's backward already sums every process's share)."""
+    total, count = torch.where(mask, values, 0.0).sum(), mask.sum()
+    world, _ = _world()
+    if world > 1:
+        count = count.clone()
+        dist.all_reduce(count)
+        total = total * world
+    return total / count.clamp(min=1)
 
 
 def supcon_loss(features: torch.Tensor, labels: Optional[torch.Tensor] = None, *, temperature: float = 0.1,
@@ -82,7 +104,9 @@ def supcon_loss(features: torch.Tensor, labels: Optional[torch.Tensor] = None, *
 
     Every feature in an ``anchor_views`` column is an anchor; its contrast set is every other
     feature of the (globally gathered) batch; its positives are those with the same label (or the
-    same row when ``labels`` is None). Anchors without a positive are left out.
+    same row when ``labels`` is None). Anchors without a positive are left out. Under several
+    processes each returns its own anchors' share (``masked_mean``): their mean is the loss of the
+    global batch, and the averaged gradients are its gradients.
     """
     loss, valid = supcon_terms(features, labels, temperature=temperature, base_temperature=base_temperature,
                                anchor_views=anchor_views)

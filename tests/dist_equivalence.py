@@ -23,13 +23,16 @@ def main(method_name: str, out: str) -> None:
     gen = torch.Generator().manual_seed(1)
     batch = 12
     views = [torch.randn(batch, 3, 16, 16, generator=gen) for _ in range(method.num_views)]
-    labels = torch.arange(batch) % 4
+    # singletons 1, 2, 9 on process 0 and 6 on process 1: with one view they have no positive, so the
+    # processes hold different numbers of valid anchors (SupCon-S's mean must use the global count)
+    labels = torch.tensor([0, 0, 1, 2, 9, 3, 3, 4, 4, 5, 5, 6])
     share = batch // accelerator.num_processes
     rows = slice(accelerator.process_index * share, (accelerator.process_index + 1) * share)
     model = accelerator.prepare(model)
     model.eval()  # BatchNorm on running statistics: per-process batch statistics would differ by design
     loss, _ = objective(recipe)(model, [v[rows] for v in views], labels[rows])
     accelerator.backward(loss)
+    loss = accelerator.reduce(loss.detach(), reduction="mean")  # each process holds its anchors' share
     grads = {n: p.grad.detach().clone() for n, p in accelerator.unwrap_model(model).named_parameters()
              if p.grad is not None}
     if accelerator.is_main_process:

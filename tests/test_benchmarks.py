@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import loader_throughput, make_photo_folder, step_cost, train_throughput
+from benchmarks import loader_throughput, loss_scaling, make_photo_folder, step_cost, train_throughput
 from conftest import make_image_folder  # noqa: E402
 
 
@@ -120,3 +120,24 @@ def test_step_cost_pools_rounds():
     assert row["step_time_median_s"] == 3.5 and row["peak_memory_bytes"] == 300 and row["rounds"] == 2
     assert row["images_per_second"] == pytest.approx(8 / 3.5) and row["step_cpu_time_median_s"] == 3.5
     assert "error" in step_cost.merge([run([1.0, 2.0, 3.0], 1), {"method": "selfcon", "error": "boom"}])
+
+
+@pytest.mark.slow
+def test_loss_scaling_tiny(tmp_path, capsys):
+    out = tmp_path / "loss_scaling"
+    rc = loss_scaling.main(["--batches", "64,128", "--views", "2", "--processes", "1,2", "--repeats", "2",
+                            "--max-logits-gib", "0.0002", "--label", "now", "--out", str(out)])
+    assert rc == 0
+    rows = _outputs(out, "loss_scaling")["results"]
+    assert [(r["processes"], r["batch"]) for r in rows] == [(1, 64), (1, 128), (2, 64), (2, 128)]
+    skipped = [r for r in rows if "skipped" in r]
+    assert [(r["processes"], r["batch"]) for r in skipped] == [(1, 128)]  # 256x256 floats > 0.0002 GiB
+    for row in (r for r in rows if "skipped" not in r):
+        _positive(row, ["time_median_s", "peak_memory_bytes", "logits_bytes"])
+        assert len(row["times_s"]) == 2 and row["columns"] == 2
+    two = [r for r in rows if r["processes"] == 2]
+    # each process holds its own anchors' rows against the whole batch: half the logits of one process
+    assert two[0]["logits_bytes"] == (32 * 2) * (64 * 2) * 4 == rows[0]["logits_bytes"] // 2
+    again = loss_scaling.main(["--batches", "64", "--views", "2", "--processes", "1", "--repeats", "1",
+                               "--compare", str(out / "loss_scaling.json"), "--out", str(tmp_path / "after")])
+    assert again == 0 and "| now | 1 | 2 |" in (tmp_path / "after" / "loss_scaling.md").read_text()
