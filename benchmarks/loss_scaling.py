@@ -186,12 +186,15 @@ def plot(path: Path, rows: list[dict], before: tuple[str, list[dict]] | None, la
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    colours: dict = {}  # one colour per (processes, V); the earlier run dashed beside this one
     for (version, data), style in (((label, rows), "-"), (before or ("", []), "--")):
-        for (world, columns), group in series(data).items():
+        for key, group in series(data).items():
+            colour = colours.setdefault(key, f"C{len(colours)}")
             xs = [r["batch"] for r in group]
-            name = f"{version}: {world} proc, V={columns}"
-            axes[0].loglog(xs, [r["time_median_s"] * 1000 for r in group], style, marker="o", label=name)
-            axes[1].loglog(xs, [r["peak_memory_bytes"] / 2 ** 20 for r in group], style, marker="o", label=name)
+            name = f"{version}: {key[0]} proc, V={key[1]}"
+            axes[0].loglog(xs, [r["time_median_s"] * 1000 for r in group], style, color=colour, marker="o", label=name)
+            axes[1].loglog(xs, [r["peak_memory_bytes"] / 2 ** 20 for r in group], style, color=colour, marker="o",
+                           label=name)
     for ax, ylabel in zip(axes, ("time per process (ms)", "peak memory per process (MiB)")):
         ax.set_xlabel("global batch")
         ax.set_ylabel(ylabel)

@@ -36,14 +36,49 @@ def _gather(features: torch.Tensor, labels: Optional[torch.Tensor]):
     return gathered, labels, rank * features.shape[0]
 
 
+class _ContrastLogSumExp(torch.autograd.Function):
+    """``logsumexp_k (anchor . contrast_k) / T`` over each anchor's row, its own column left out.
+
+    Written by hand because autograd's version keeps the ``[rows, columns]`` logits for backward and
+    makes three more of that size there; this keeps only the inputs and the result, and backward
+    recomputes the logits once and turns them into the softmax in place: one logits-sized buffer at
+    a time, forward and backward, for one more matrix product.
+    """
+
+    @staticmethod
+    def forward(ctx, anchors, contrast, own_column, temperature):
+        logits = _masked_logits(anchors, contrast, own_column, temperature)
+        top = logits.max(dim=1).values
+        total = logits.sub_(top[:, None]).exp_().sum(dim=1)
+        result = top + total.log()
+        ctx.save_for_backward(anchors, contrast, own_column, result)
+        ctx.temperature = temperature
+        return result
+
+    @staticmethod
+    def backward(ctx, grad):
+        anchors, contrast, own_column, result = ctx.saved_tensors
+        softmax = _masked_logits(anchors, contrast, own_column, ctx.temperature).sub_(result[:, None]).exp_()
+        softmax.mul_(grad[:, None] / ctx.temperature)  # d/d(anchor . contrast) of the row's logsumexp
+        grad_anchors = softmax @ contrast if ctx.needs_input_grad[0] else None
+        grad_contrast = softmax.T @ anchors if ctx.needs_input_grad[1] else None
+        return grad_anchors, grad_contrast, None, None
+
+
+def _masked_logits(anchors, contrast, own_column, temperature):
+    logits = (anchors @ contrast.T).div_(temperature)
+    logits[torch.arange(logits.shape[0], device=logits.device), own_column] = _MASKED
+    return logits
+
+
 def supcon_terms(features: torch.Tensor, labels: Optional[torch.Tensor] = None, *, temperature: float = 0.1,
                  base_temperature: float = 0.07, anchor_views: Optional[Sequence[int]] = None):
     """Per-anchor losses ``[B, A]`` of this process's anchors and the mask of those that have a positive.
 
     ``A = len(anchor_views)``. Anchors are this process's own features; their contrast set is the
-    batch of every process. Cost: one ``[B*A, B_global*V]`` logits matrix per process (plus its
-    softmax and gradient in backward): no boolean masks, the positives' logits are summed from
-    per-label sums of the contrast features, and the anchor itself is masked by index.
+    batch of every process. Cost: one ``[B*A, B_global*V]`` logits matrix per process at a time
+    (``_ContrastLogSumExp``): no boolean masks, the positives' logits are summed from per-label sums
+    of the contrast features, and the anchor itself is masked by index.
     """
     if features.dim() != 3:
         raise ValueError(f"features must be [B, V, D], got shape {tuple(features.shape)}")
@@ -64,12 +99,9 @@ def supcon_terms(features: torch.Tensor, labels: Optional[torch.Tensor] = None, 
             all_labels = torch.arange(contrast.shape[0], device=device)
         flat = contrast.reshape(-1, dim)  # row b*V + v of the global batch
         anchors = own[:, anchor_views].reshape(-1, dim)  # row b*A + a of this process
-        logits = (anchors / temperature) @ flat.T  # [B*A, B_global*V]
         rows = torch.arange(batch, device=device).repeat_interleave(anchors_per_row)
         own_column = (offset + rows) * views + torch.tensor(anchor_views, device=device).repeat(batch)
-        # in place: the matmul keeps its inputs, not its output, for backward
-        logits[torch.arange(logits.shape[0], device=device), own_column] = _MASKED
-        log_norm = torch.logsumexp(logits, dim=1)
+        log_norm = _ContrastLogSumExp.apply(anchors, flat, own_column, temperature)  # [B*A] of a [B*A, B_global*V] row
 
         label_ids, label_index = torch.unique(all_labels.to(device), return_inverse=True)
         per_feature = label_index.repeat_interleave(views)
