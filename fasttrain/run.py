@@ -66,7 +66,7 @@ def run(recipe: Recipe, eval_only: str | None = None, random_init: bool = False)
         path = Path(eval_only)
         if not path.is_file():
             raise RecipeError(f"--eval-only: no such checkpoint: {path}")
-        state = checkpoint.load(path)
+        state = checkpoint.load(path, "--eval-only")
         trained_recipe = checkpoint.recipe_of(state)
         method = get_method(state["method"])
         model = build_model(trained_recipe, method, num_classes=_num_classes(state))

@@ -157,6 +157,26 @@ def test_missing_dataset_path_names_the_key(tmp_path, data):
     assert "data.train: no such directory" in proc.stderr and "nowhere" in proc.stderr
 
 
+@pytest.mark.parametrize("content,flag", [
+    (b"", "--eval-only"),  # empty
+    (b"PK\x03\x04 truncated zip", "--eval-only"),  # a torch.save cut short
+    (None, "run.resume"),  # a readable torch file that is no checkpoint of this project
+])
+def test_a_broken_checkpoint_is_one_line_naming_flag_and_file(tmp_path, data, content, flag):
+    broken = tmp_path / "broken.pt"
+    if content is None:
+        torch.save({"weights": torch.zeros(2)}, broken)
+    else:
+        broken.write_bytes(content)
+    recipe = write_recipe(tmp_path, data)
+    args = ["--eval-only", broken] if flag == "--eval-only" else [f"run.resume={broken}"]
+    proc = launch("fasttrain/run.py", recipe, *args, accelerate=False, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    line = [l for l in proc.stderr.splitlines() if l.startswith("fasttrain: error:")]
+    assert len(line) == 1 and flag in line[0] and str(broken) in line[0], proc.stderr
+    assert ("not a fasttrain checkpoint" if content is None else "not a readable checkpoint") in line[0]
+
+
 @pytest.mark.slow
 def test_bad_recipe_under_accelerate_launch(tmp_path, data):
     proc = launch("fasttrain/run.py", write_recipe(tmp_path, data), "optim.nam=sgd", check=False)

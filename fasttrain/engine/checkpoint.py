@@ -21,8 +21,23 @@ def atomic_save(obj: Any, path: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def load(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=False)
+REQUIRED = ("model", "recipe", "method", "arch", "epoch", "updates")
+
+
+def load(path: Path, what: str) -> dict:
+    """A checkpoint written by this project; anything else (truncated, empty, another file) is one
+    RecipeError line naming ``what`` (the key or flag that gave the path) and the file."""
+    from fasttrain.recipe import RecipeError
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # torch.load raises a different type for each way a file can be broken
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise RecipeError(f"{what}: {path} is not a readable checkpoint ({reason})") from None
+    missing = [key for key in REQUIRED if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise RecipeError(f"{what}: {path} is not a fasttrain checkpoint (no {', '.join(missing)})")
+    return state
 
 
 def recipe_of(state: dict):

@@ -228,7 +228,7 @@ def _resume(recipe: Recipe, model, optimizer, accelerator: Accelerator) -> tuple
         if recipe.run.resume != "auto":
             raise RecipeError(f"run.resume: no such checkpoint: {path}")
         return 0, 0
-    state = checkpoint.load(path)
+    state = checkpoint.load(path, "run.resume")
     if (state["method"], state["arch"]) != (recipe.method, recipe.model.arch):
         raise RecipeError(f"run.resume: {path} holds {state['method']}/{state['arch']}, the recipe asks for "
                           f"{recipe.method}/{recipe.model.arch}")
