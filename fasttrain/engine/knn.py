@@ -12,9 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from tqdm.auto import tqdm
 
-from fasttrain.engine.linear_eval import encode, eval_loader
+from fasttrain.engine.linear_eval import encode_split, eval_loader
 from fasttrain.models import MultiExitResNet, exit_names
 from fasttrain.recipe import Recipe
 
@@ -54,23 +53,15 @@ class KNNMonitor:
         self.loaders = (eval_loader(recipe, accelerator, "train", "center", self.cfg.knn_bank),
                         eval_loader(recipe, accelerator, "val", "center", self.cfg.knn_val))
 
-    def _features(self, model: MultiExitResNet, loader, desc: str):
-        features, labels = [], []
-        for views, y in tqdm(loader, desc=desc, leave=False, disable=not self.accelerator.is_main_process,
-                             dynamic_ncols=True):
-            features.append(encode(model, self.accelerator, views[0]))
-            labels.append(y)
-        return [torch.cat(f) for f in zip(*features)], torch.cat(labels)
-
     @torch.no_grad()
     def __call__(self, model: MultiExitResNet) -> dict:
         bank_loader, val_loader = self.loaders
         was_training = model.training
         model.eval()
-        bank, bank_labels = self._features(model, bank_loader, "k-NN bank")
+        bank, bank_labels = encode_split(bank_loader, model, self.accelerator, "k-NN bank")
         bank = [_gather_rows(self.accelerator, f) for f in bank]
         bank_labels = _gather_rows(self.accelerator, bank_labels)
-        query, labels = self._features(model, val_loader, "k-NN val")
+        query, labels = encode_split(val_loader, model, self.accelerator, "k-NN val")
         model.train(was_training)
 
         classes = max(bank_loader.num_classes, val_loader.num_classes)

@@ -94,7 +94,7 @@ def linear_eval(recipe: Recipe, accelerator: Accelerator, encoder: MultiExitResN
         group["base_lr"] = cfg.lr
     classifiers, optimizer = accelerator.prepare(classifiers, optimizer)
 
-    cache = _cache(train, encoder, accelerator) if cfg.cache_features else None
+    cache = encode_split(train, encoder, accelerator) if cfg.cache_features else None
     per_epoch = len(train)
     total, update = cfg.epochs * per_epoch, 0
     for epoch in range(cfg.epochs):
@@ -124,10 +124,11 @@ def linear_eval(recipe: Recipe, accelerator: Accelerator, encoder: MultiExitResN
     return evaluate(logits, eval_loader(recipe, accelerator, "val", "center"), accelerator, names)
 
 
-def _cache(loader, encoder, accelerator):
-    """Encode the train split once: per-exit features [N, D] and labels [N] of this process."""
+def encode_split(loader, encoder, accelerator, desc: str = "encoding train split"):
+    """Encode a one-view loader once: per-exit features [N, D] and labels [N] of this process."""
     features, labels = [], []
-    for views, y in tqdm(loader, desc="encoding train split", disable=not accelerator.is_main_process):
+    for views, y in tqdm(loader, desc=desc, leave=False, disable=not accelerator.is_main_process,
+                         dynamic_ncols=True):
         features.append(encode(encoder, accelerator, views[0]))
         labels.append(y)
     return [torch.cat(f) for f in zip(*features)], torch.cat(labels)

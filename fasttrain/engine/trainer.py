@@ -82,16 +82,19 @@ class TrainStep:
                  warmup_updates: int, final_lr_ratio: float, updates: int = 0, clip_grad_norm: Optional[float] = None):
         self.accelerator, self.model, self.objective, self.optimizer = accelerator, model, objective, optimizer
         self.total_updates, self.warmup_updates, self.final_lr_ratio = total_updates, warmup_updates, final_lr_ratio
-        self.max_grad_norm = clip_grad_norm or float("inf")  # inf: measured and logged, never clipped
+        self.clip_grad_norm = clip_grad_norm
         self.updates = updates  # optimizer updates done; the lr is derived from it
         self.lr = set_lr(optimizer, lr_factor(updates, total_updates, warmup_updates, final_lr_ratio))
 
-    def __call__(self, views, labels):
+    def __call__(self, views, labels, measure: bool = False):
+        """``measure``: this step's logs will be read, so include the gradient norm."""
         with self.accelerator.accumulate(self.model):
             loss, logs = self.objective(self.model, views, labels)
             self.accelerator.backward(loss)
             if self.accelerator.sync_gradients:
-                logs["grad_norm"] = self.accelerator.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
+                if self.clip_grad_norm or measure:  # without clipping, the norm costs a pass only when logged
+                    logs["grad_norm"] = self.accelerator.clip_grad_norm_(self.model.parameters(),
+                                                                         self.clip_grad_norm or float("inf"))
                 self.lr = set_lr(self.optimizer, lr_factor(self.updates, self.total_updates, self.warmup_updates,
                                                            self.final_lr_ratio))
                 self.updates += 1
@@ -169,10 +172,11 @@ def train(recipe: Recipe, accelerator: Accelerator) -> TrainResult:
             for index, (views, labels) in enumerate(loader):
                 if index == micro_steps:
                     break
-                loss, logs = step(views, labels)
+                logged = (index + 1) % recipe.train.log_every == 0 or index + 1 == micro_steps
+                loss, logs = step(views, labels, measure=logged)
                 speed.update(images_per_step)
                 bar.update(1)
-                if (index + 1) % recipe.train.log_every == 0 or index + 1 == micro_steps:
+                if logged:
                     row = _log_row(accelerator, logs, step, speed)
                     spreads = "/".join(f"{row[k]:.2f}" for k in sorted(row) if k.startswith("spread/"))
                     bar.set_postfix(loss=f"{row['loss']:.4f}", spread=spreads, lr=f"{step.lr:.3g}",

@@ -139,10 +139,6 @@ class MultiExitResNet(nn.Module):
     def num_exits(self) -> int:
         return len(self.exit_points) + 1
 
-    @property
-    def exit_names(self) -> list[str]:
-        return exit_names(self.num_exits)
-
     def backbone_parameters(self):
         """F's own parameters: stem and the four stages (what torchvision's resnet has, less `fc`)."""
         for part in (self.stem, self.layer1, self.layer2, self.layer3, self.layer4):
