@@ -12,6 +12,8 @@ import tempfile
 from pathlib import Path
 from typing import Optional, Sequence
 
+from fasttrain.engine.faults import replacing, write_bytes
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -98,9 +100,16 @@ def summarize(values: Sequence[float]) -> dict:
 def atomic_write(path: Path, text: str | bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(text if isinstance(text, bytes) else text.encode())
-    os.replace(tmp, path)
+    write_bytes(path, text if isinstance(text, bytes) else text.encode())
+
+
+def save_figure(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with replacing(Path(path)) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
 
 
 def write_json(path: Path, data) -> None:
@@ -155,11 +164,7 @@ def bar_chart(path: Path, panels: Sequence[dict], title: str = "") -> None:
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp-{os.getpid()}.png")
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 # ---------------------------------------------------------------- datasets

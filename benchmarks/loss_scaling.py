@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import socket
 import sys
 import time
@@ -27,7 +26,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import markdown_table, summarize, worker_row, write_report  # noqa: E402
+from benchmarks.common import markdown_table, save_figure, summarize, worker_row, write_report  # noqa: E402
 
 DIM, CLASSES = 128, 100
 
@@ -202,11 +201,7 @@ def plot(path: Path, rows: list[dict], before: tuple[str, list[dict]] | None, la
         ax.legend(fontsize=7)
     fig.suptitle("supcon_loss forward + backward per process", fontsize=10)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def main(argv=None) -> int:

@@ -180,6 +180,19 @@ def _merge(base: dict, top: dict) -> dict:
     return merged
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, but a key given twice in one mapping is an error, not "the last wins"."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def _read(path: Path, chain: tuple = ()) -> dict:
     """A recipe file as a dict; ``base: other.yaml`` (relative to the file) is read first and
     overridden key by key, so the ImageNet recipes share one set of defaults."""
@@ -188,7 +201,7 @@ def _read(path: Path, chain: tuple = ()) -> dict:
     if path.resolve() in chain:
         raise RecipeError(f"{path}: `base:` loops back to itself")
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
+        tree = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f":{mark.line + 1}" if mark else ""

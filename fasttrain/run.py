@@ -6,23 +6,38 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+if TYPE_CHECKING:
+    from fasttrain.recipe import Recipe
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fasttrain.monitors import CollapseError  # noqa: E402
-from fasttrain.recipe import Recipe, RecipeError, load_recipe  # noqa: E402
-from loaders import LoaderError  # noqa: E402
-
 log = logging.getLogger("fasttrain")
+EXIT_CODES = """exit status: 0 done; 1 the system failed a write (disk full, no permission); 2 bad input
+(recipe key, path, file, checkpoint); 3 stopped at collapse (monitor.on_collapse: stop);
+130 interrupted (Ctrl-C); 143 stopped by SIGTERM. Every non-zero exit leaves the last checkpoint intact."""
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    try:  # Ctrl-C is one line from the first import on
+        return _main(argv)
+    except KeyboardInterrupt:
+        print("fasttrain: interrupted; the last checkpoint is intact", file=sys.stderr)
+        return 130
+
+
+def _main(argv) -> int:
+    from fasttrain.engine.faults import Stopped, describe_os_error, stop_on_signals
+
+    stop_on_signals()
+    parser = argparse.ArgumentParser(description=__doc__, epilog=EXIT_CODES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("recipe", help="recipe YAML file (recipes/*.yaml)")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.batch_size=256")
     start = parser.add_mutually_exclusive_group()
@@ -33,18 +48,25 @@ def main(argv=None) -> int:
     args = parser.parse_intermixed_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated.*")
+    from fasttrain.monitors import CollapseError
+    from fasttrain.recipe import RecipeError, load_recipe
+    from loaders import LoaderError
+
     try:
         recipe = load_recipe(args.recipe, args.overrides)
         results = run(recipe, args.eval_only, random_init=args.random_init)
     except (RecipeError, LoaderError) as exc:
         print(f"fasttrain: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # the system refused a write: disk full, no permission
+        print(f"fasttrain: error: {describe_os_error(exc)}; the last checkpoint is intact", file=sys.stderr)
+        return 1
     except CollapseError as exc:
         print(f"fasttrain: stopped: {exc}; the last checkpoint is intact", file=sys.stderr)
         return 3
-    except KeyboardInterrupt:
-        print("fasttrain: interrupted; the last checkpoint is intact", file=sys.stderr)
-        return 130
+    except Stopped as stop:
+        print(f"fasttrain: stopped by {stop.name}; the last checkpoint is intact", file=sys.stderr)
+        return stop.exit_code
     if results is not None:
         print(format_table(results))
     return 0
@@ -58,7 +80,9 @@ def run(recipe: Recipe, eval_only: str | None = None, random_init: bool = False)
     from fasttrain.engine.linear_eval import classifier_eval, linear_eval
     from fasttrain.engine.trainer import build_model, make_accelerator, train, write_results
     from fasttrain.methods import get_method
+    from fasttrain.recipe import RecipeError
 
+    prepare_run_dir(Path(recipe.run.dir))
     accelerator = make_accelerator(recipe)
     started = time.perf_counter()
     trained, state = None, {"epoch": 0, "updates": 0}
@@ -110,6 +134,25 @@ def run(recipe: Recipe, eval_only: str | None = None, random_init: bool = False)
     name = "linear_eval.json" if eval_only else "random_init.json" if random_init else "results.json"
     write_results(Path(recipe.run.dir) / name, results)
     return results
+
+
+def prepare_run_dir(run_dir: Path) -> None:
+    """The run dir exists and can be written, before any work; temp files that killed runs left there
+    are removed."""
+    from fasttrain.engine.faults import sweep_stale_temps
+    from fasttrain.recipe import RecipeError
+
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise RecipeError(f"run.dir={run_dir}: exists and is not a directory") from None
+    except NotADirectoryError:
+        raise RecipeError(f"run.dir={run_dir}: a part of this path is a file, not a directory") from None
+    except PermissionError as exc:
+        raise RecipeError(f"run.dir={run_dir}: no permission to create {exc.filename}") from None
+    if not os.access(run_dir, os.W_OK | os.X_OK):
+        raise RecipeError(f"run.dir={run_dir}: not writable")
+    sweep_stale_temps(run_dir)
 
 
 def _num_classes(state: dict):

@@ -11,7 +11,7 @@ from typing import Optional
 
 import numpy as np
 
-from loaders.spec import DataConfig, Loader, LoaderError, LoaderRequest
+from loaders.spec import DataConfig, Loader, LoaderError, LoaderRequest, require_path
 
 # name -> module with a ``build(cfg, req) -> Loader``; imported on use, so optional backends
 # (ffcv, dali) cost nothing when they are not installed.
@@ -33,6 +33,16 @@ def build_loader(backend: str, cfg: DataConfig, req: LoaderRequest) -> Loader:
     return module.build(cfg, req)
 
 
+# what each backend reads from a split's path: an image folder, a .beton file, nothing
+SOURCES = {"torchvision": "dir", "ffcv": "file", "dali": "dir", "synthetic": None}
+
+
+def check_split(backend: str, cfg: DataConfig, split: str) -> None:
+    """The split's path is there and of the kind the backend reads, or a LoaderError naming its key."""
+    if SOURCES.get(backend):
+        require_path(getattr(cfg, split), f"data.{split}", kind=SOURCES[backend])
+
+
 def shard(num_items: int, rank: int, world_size: int) -> range:
     """The items one process evaluates: every item exactly once across processes, no padding."""
     return range(rank, num_items, world_size)
@@ -46,5 +56,5 @@ def subset_indices(num_items: int, subset: Optional[int], seed: int) -> np.ndarr
     return np.sort(np.random.default_rng(seed).choice(num_items, size=subset, replace=False))
 
 
-__all__ = ["BACKENDS", "DataConfig", "Loader", "LoaderError", "LoaderRequest", "build_loader", "shard",
-           "subset_indices"]
+__all__ = ["BACKENDS", "SOURCES", "DataConfig", "Loader", "LoaderError", "LoaderRequest", "build_loader",
+           "check_split", "shard", "subset_indices"]

@@ -6,8 +6,9 @@
 Fields: ``image`` (RGBImageField) and ``label`` (IntField, torchvision ImageFolder's class_to_idx, so
 every backend agrees on labels). Unreadable images are found before writing (every file is decoded,
 JPEGs at 1/8 scale, which still reads the whole entropy-coded stream), skipped and named in one
-warning. The file is written under ``OUT.tmp-<pid>`` and renamed at the end (after ``--verify``), so
-an interrupted or failed conversion never leaves a file under the final name. ``--subset K`` keeps
+warning. The file is written under ``.OUT.tmp-<pid>`` and renamed at the end (after ``--verify``), so
+an interrupted (Ctrl-C, SIGTERM) or failed conversion never leaves a file under the final name, and
+removes its temp file and shared memory; temp files of killed conversions are swept on the next start. ``--subset K`` keeps
 the first K files in ImageFolder order (as ffcv-imagenet does), before unreadable ones are dropped.
 """
 from __future__ import annotations
@@ -20,7 +21,7 @@ import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from multiprocessing import Process, Queue, Value
+from multiprocessing import Process, Queue, SimpleQueue, Value
 from pathlib import Path
 from queue import Empty
 from typing import Optional
@@ -29,6 +30,8 @@ import numpy as np
 import torch
 from PIL import Image
 from tqdm import tqdm
+
+from fasttrain.engine.faults import Stopped, replacing, stop_on_signals, sweep_stale_temps
 
 _TORCH_THREADS = torch.get_num_threads()
 import ffcv  # noqa: E402,F401  (importing it sets torch's thread count to 1: restored here)
@@ -69,6 +72,16 @@ def _unreadable(path: str) -> Optional[str]:
         return f"{type(exc).__name__}: {exc}"
 
 
+def _report_errors(errors, work_fn, *args) -> None:
+    """A writer worker that hands its error to the parent as one line (a full disk, a bad file),
+    instead of printing a traceback per worker."""
+    try:
+        work_fn(*args)
+    except Exception as exc:
+        errors.put(f"{type(exc).__name__}: {exc}")
+        os._exit(1)
+
+
 def _make_writer(fname: str, fields, page_size: int, num_workers: int):
     from ffcv.memory_allocator import MemoryAllocator
     from ffcv.writer import DatasetWriter
@@ -91,12 +104,15 @@ def _make_writer(fname: str, fields, page_size: int, num_workers: int):
             allocator = MemoryAllocator(self.fname, self.data_region_start, self.page_size)
             args = (work, self.metadata_sm, self.metadata_type, self.fields, allocator, done,
                     allocations, *extra_worker_args)
-            procs = [Process(target=work_fn, args=args, daemon=True) for _ in range(self.num_workers)]
+            errors = SimpleQueue()  # a put is written before the worker exits
+            procs = [Process(target=_report_errors, args=(errors, work_fn, *args), daemon=True)
+                     for _ in range(self.num_workers)]
 
             def check_workers():
                 failed = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
                 if failed:
-                    raise RuntimeError(f"a writer worker exited with code {failed[0]} (its error is above)")
+                    reason = f"exit code {failed[0]}" if errors.empty() else errors.get()
+                    raise RuntimeError(f"a writer worker failed: {reason}")
 
             try:
                 for p in procs:
@@ -168,6 +184,8 @@ def convert(src, out, *, max_resolution: int = 512, compress_probability: float 
     from ffcv.fields import IntField, RGBImageField
     from torchvision.datasets import ImageFolder
 
+    sweep_stale_temps(out.parent, out.name)
+
     start = time.perf_counter()  # after the imports (ffcv + numba take seconds)
     try:
         folder = ImageFolder(str(src))
@@ -189,16 +207,12 @@ def convert(src, out, *, max_resolution: int = 512, compress_probability: float 
     fields = {"image": RGBImageField(write_mode=write_mode, max_resolution=max_resolution,
                                      compress_probability=compress_probability, jpeg_quality=jpeg_quality),
               "label": IntField()}
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    try:
+    with replacing(out) as tmp:
         writer = _make_writer(str(tmp), fields, _page_size(max_resolution), workers)
         chunk = max(1, min(chunksize, math.ceil(len(good) / (4 * workers))))
         writer.from_indexed_dataset(_ImageDataset(good), chunksize=chunk)
         if verify_output:
             verify(tmp, [label for _, label in good])
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
     seconds = time.perf_counter() - start
     return {"out": str(out), "images": len(good), "classes": len(folder.classes), "skipped": skipped,
             "bytes": out.stat().st_size, "seconds": seconds, "images_per_s": len(good) / seconds,
@@ -218,6 +232,7 @@ def main(argv=None) -> int:
     p.add_argument("--verify", action="store_true", help="read the file back and check count and labels")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    stop_on_signals()
     try:
         s = convert(a.src, a.out, max_resolution=a.max_resolution, compress_probability=a.compress_probability,
                     jpeg_quality=a.jpeg_quality, write_mode=a.write_mode, num_workers=a.num_workers,
@@ -231,6 +246,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(f"interrupted, nothing written to {a.out}", file=sys.stderr)
         return 130
+    except Stopped as stop:
+        print(f"stopped by {stop.name}, nothing written to {a.out}", file=sys.stderr)
+        return stop.exit_code
     print(f"wrote {s['out']}: {s['images']} images, {s['classes']} classes, {len(s['skipped'])} skipped, "
           f"{s['bytes'] / 2**20:.1f} MiB, {s['seconds']:.1f} s, {s['images_per_s']:.0f} images/s"
           + (", verified" if s["verified"] else ""))

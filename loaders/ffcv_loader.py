@@ -156,9 +156,6 @@ def color_augment(x: torch.Tensor, gen: torch.Generator, strength=(0.4, 0.4, 0.4
 # --- the loader ---------------------------------------------------------------------------------
 
 def _open_beton(path: Path, key: str) -> Reader:
-    if path.is_dir():
-        raise LoaderError(f"{key}: {path} is a directory; loader=ffcv reads a .beton file "
-                          f"(make one with: python -m loaders.ffcv_convert {path} OUT.beton)")
     path = require_path(path, key, kind="file")
     try:
         reader = Reader(str(path))
@@ -175,7 +172,7 @@ def _open_beton(path: Path, key: str) -> Reader:
 class FFCVLoader:
     def __init__(self, cfg: DataConfig, req: LoaderRequest):
         key = f"data.{req.split}"
-        reader = _open_beton(require_path(getattr(cfg, req.split), key, kind="any"), key)
+        reader = _open_beton(getattr(cfg, req.split), key)
         self.cfg, self.req, self.dtype = cfg, req, output_dtype(cfg)
         self.num_classes = int(reader.metadata["f1"].max()) + 1
         self.skipped: set[str] = set()  # unreadable files were left out by ffcv_convert

@@ -7,6 +7,8 @@ which augmentation to apply; it never knows which method runs.
 """
 from __future__ import annotations
 
+import functools
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Literal, Optional, Protocol
@@ -137,15 +139,42 @@ def output_dtype(cfg: DataConfig) -> torch.dtype:
 
 
 def require_path(path: Optional[Path], key: str, *, kind: str = "dir") -> Path:
-    """The path a recipe key names, or a LoaderError naming the key and the path."""
+    """The path a recipe key names, or a LoaderError naming the key and the path. ``dir``: an image
+    folder (torchvision, dali), checked for symlink loops; ``file``: a .beton (ffcv)."""
     if path is None:
         raise LoaderError(f"{key}: no path given")
     path = Path(path).expanduser()
+    if kind == "dir" and path.is_file():
+        raise LoaderError(f"{key}: {path} is a file; this loader reads an image folder (one sub-folder per "
+                          f"class){'; a .beton is read by loader=ffcv' if path.suffix == '.beton' else ''}")
+    if kind == "file" and path.is_dir():
+        raise LoaderError(f"{key}: {path} is a directory; loader=ffcv reads a .beton file "
+                          f"(make one with: python -m loaders.ffcv_convert {path} OUT.beton)")
     if kind == "dir" and not path.is_dir():
         raise LoaderError(f"{key}: no such directory: {path}")
     if kind == "file" and not path.is_file():
         raise LoaderError(f"{key}: no such file: {path}")
+    if kind == "dir":
+        _refuse_symlink_loops(str(path.resolve()), str(path), key)
     return path
+
+
+@functools.lru_cache(maxsize=16)
+def _refuse_symlink_loops(root: str, shown_root: str, key: str) -> None:
+    """A link to a folder above it makes a folder walk (ImageFolder's, DALI's) see the same images
+    again and again under longer paths, in the wrong classes: refuse it, naming the link."""
+    def walk(shown: str, real: str, ancestors: frozenset) -> None:
+        with os.scandir(real) as entries:
+            for entry in entries:
+                if not entry.is_dir(follow_symlinks=True):
+                    continue
+                target = os.path.realpath(entry.path)
+                if target in ancestors:
+                    raise LoaderError(f"{key}: {os.path.join(shown, entry.name)} links back to {target}, a "
+                                      f"folder above it (a loop): remove the link")
+                walk(os.path.join(shown, entry.name), target, ancestors | {target})
+
+    walk(shown_root, root, frozenset({root}))
 
 
 def to_device(x: torch.Tensor, req: LoaderRequest, dtype: torch.dtype) -> torch.Tensor:

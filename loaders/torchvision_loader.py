@@ -28,38 +28,41 @@ def build_transform(cfg: DataConfig, augment: str) -> T.Compose:
 
 
 class TolerantImageFolder(Dataset):
-    """ImageFolder whose unreadable files are replaced by the next readable one and reported.
+    """ImageFolder whose unreadable files are reported with each item, never raised in a worker.
 
-    Replacing (rather than dropping) keeps every batch the same size, which the cross-process
-    gather of the contrastive loss needs. Each item carries the paths it had to skip.
+    A training read (``replace``) replaces an unreadable file by the next readable one: every batch
+    keeps its size, which the cross-process gather of the contrastive loss needs. An evaluation
+    read drops it (its item is ``None``): every readable image counts once, and no image twice.
     """
 
-    def __init__(self, root, transform, num_views: int):
+    def __init__(self, root, transform, num_views: int, replace: bool):
         self.folder = datasets.ImageFolder(root)
-        self.transform = transform
-        self.num_views = num_views
+        self.transform, self.num_views, self.replace = transform, num_views, replace
 
     def __len__(self):
         return len(self.folder.samples)
 
     def __getitem__(self, index):
         skipped = []
-        for attempt in range(len(self)):
+        for attempt in range(len(self) if self.replace else 1):
             path, label = self.folder.samples[(index + attempt) % len(self)]
             try:
                 image = self.folder.loader(path)
             except Exception as exc:  # PIL raises many types for a broken file
                 skipped.append(f"{path} ({type(exc).__name__}: {exc})")
                 continue
-            views = tuple(self.transform(image) for _ in range(self.num_views))
-            return views, label, skipped
-        raise LoaderError(f"{self.folder.root}: no readable image at all")
+            return tuple(self.transform(image) for _ in range(self.num_views)), label, skipped
+        return None, None, skipped
 
 
 def _collate(batch):
-    views, labels, skipped = zip(*batch)
-    stacked = tuple(torch.stack(v) for v in zip(*views))
-    return stacked, torch.tensor(labels, dtype=torch.long), [s for item in skipped for s in item]
+    """Stacked views and labels of the readable items (``None`` if there is none), and what was skipped."""
+    readable = [(views, label) for views, label, _ in batch if views is not None]
+    skipped = [entry for _, _, item in batch for entry in item]
+    if not readable:
+        return None, None, skipped
+    views, labels = zip(*readable)
+    return tuple(torch.stack(v) for v in zip(*views)), torch.tensor(labels, dtype=torch.long), skipped
 
 
 class TorchvisionLoader:
@@ -67,10 +70,10 @@ class TorchvisionLoader:
         key = f"data.{req.split}"
         root = require_path(getattr(cfg, req.split), key)
         try:
-            dataset = TolerantImageFolder(root, build_transform(cfg, req.augment), req.num_views)
+            dataset = TolerantImageFolder(root, build_transform(cfg, req.augment), req.num_views, req.training)
         except (FileNotFoundError, RuntimeError) as exc:  # ImageFolder: no class folders / no images
             raise LoaderError(f"{key}: {exc}") from exc
-        self.req, self.dtype = req, output_dtype(cfg)
+        self.req, self.dtype, self.root = req, output_dtype(cfg), root
         self.num_classes = len(dataset.folder.classes)
         self.classes = dataset.folder.classes
         self.skipped: set[str] = set()
@@ -100,14 +103,22 @@ class TorchvisionLoader:
             self.sampler.set_epoch(epoch)
 
     def __iter__(self) -> Iterator:
+        yielded = 0
         for views, labels, skipped in self.loader:
             for entry in skipped:
                 path = entry.split(" (", 1)[0]
                 if path not in self.skipped:
                     self.skipped.add(path)
                     log.warning("skipping unreadable image %s", entry)
+            if views is None:
+                if self.req.training:
+                    raise LoaderError(f"data.{self.req.split}: no readable image in {self.root}")
+                continue
+            yielded += 1
             yield (tuple(to_device(v, self.req, self.dtype) for v in views),
                    labels.to(self.req.device, non_blocking=True))
+        if not yielded and len(self.loader):
+            raise LoaderError(f"data.{self.req.split}: no readable image in {self.root}")
 
 
 def build(cfg: DataConfig, req: LoaderRequest) -> TorchvisionLoader:

@@ -1,10 +1,8 @@
 """The DALI backend on CPU: labels, layout, normalisation, views, sharding, evaluation counts, bad files."""
 import logging
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from torchvision.datasets import ImageFolder
 
 pytest.importorskip("nvidia.dali")

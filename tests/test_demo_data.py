@@ -1,5 +1,4 @@
 """The demo's real-image datasets: made from what is on the disk, balanced, atomic, made once."""
-import pytest
 from PIL import Image
 
 from fasttrain import demo_data

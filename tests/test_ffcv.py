@@ -1,5 +1,6 @@
 """The FFCV backend on CPU: conversion (labels, skips, atomic output, CLI), loading (labels, crops,
 views, colour augmentation, sharding, progressive resizing, bad files) and the numba noise filter."""
+import os
 import subprocess
 import sys
 import types
@@ -165,7 +166,7 @@ def test_corrupt_image_is_skipped_and_reported(tmp_path, caplog):
     assert labels.tolist() == [0, 0, 1, 1]
 
 
-def test_interrupted_conversion_leaves_nothing(tmp_path, monkeypatch):
+def test_interrupted_conversion_leaves_nothing(tmp_path, monkeypatch, capfd):
     root = make_image_folder(tmp_path / "img", classes=2, per_class=3)
     original = ffcv_convert._ImageDataset.__getitem__
 
@@ -175,9 +176,10 @@ def test_interrupted_conversion_leaves_nothing(tmp_path, monkeypatch):
         return original(self, index)
 
     monkeypatch.setattr(ffcv_convert._ImageDataset, "__getitem__", fails_midway)
-    with pytest.raises(RuntimeError, match="worker exited"):
+    with pytest.raises(RuntimeError, match="worker failed: OSError: disk went away"):
         ffcv_convert.convert(root, tmp_path / "out.beton", num_workers=1, chunksize=1)
     assert leftovers(tmp_path) == []
+    assert "Traceback" not in capfd.readouterr().err  # the worker's error is one line in the parent's error
     monkeypatch.setattr(ffcv_convert._ImageDataset, "__getitem__", original)
 
     def interrupt(*args, **kwargs):
@@ -187,6 +189,27 @@ def test_interrupted_conversion_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         ffcv_convert.convert(root, tmp_path / "out.beton", num_workers=1, verify_output=True)
     assert leftovers(tmp_path) == ["out.beton"] and (tmp_path / "out.beton").read_bytes() == b"previous"
+
+
+def test_sigterm_during_writing_removes_the_temp_file_and_shared_memory(tmp_path):
+    root = make_image_folder(tmp_path / "img", classes=2, per_class=4)
+    (tmp_path / "out.beton").write_bytes(b"previous")
+    (tmp_path / ".out.beton.tmp-999999999").write_bytes(b"left by a conversion killed earlier")
+    code = ("import os, signal, sys\n"
+            "from loaders import ffcv_convert\n"
+            "read = ffcv_convert._ImageDataset.__getitem__\n"
+            "def signal_parent(self, index):\n"
+            "    if index == 2:\n"
+            "        os.kill(os.getppid(), signal.SIGTERM)\n"
+            "    return read(self, index)\n"
+            "ffcv_convert._ImageDataset.__getitem__ = signal_parent\n"
+            f"sys.exit(ffcv_convert.main([{str(root)!r}, {str(tmp_path / 'out.beton')!r}, '--num-workers', '1']))\n")
+    shared_before = set(os.listdir("/dev/shm"))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 143 and "stopped by SIGTERM" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and "leaked" not in proc.stderr
+    assert leftovers(tmp_path) == ["out.beton"] and (tmp_path / "out.beton").read_bytes() == b"previous"
+    assert set(os.listdir("/dev/shm")) - shared_before == set()
 
 
 def test_cli_bad_input_exits_2_with_one_line(tmp_path, capsys):

@@ -1,24 +1,22 @@
 """Checkpoints written atomically: a temp name in the same directory, then os.replace."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from fasttrain.engine.faults import replacing
+
 CHECKPOINT = "checkpoint.pt"
 
 
 def atomic_save(obj: Any, path: Path) -> None:
+    """Through a file object, so that a full disk is an OSError naming the file, not a C++ enforce."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with replacing(path) as tmp, open(tmp, "wb") as file:
+        torch.save(obj, file)
 
 
 REQUIRED = ("model", "recipe", "method", "arch", "epoch", "updates")

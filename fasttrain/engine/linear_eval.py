@@ -14,8 +14,8 @@ from tqdm.auto import tqdm
 
 from fasttrain.engine.optim import set_lr
 from fasttrain.models import MultiExitResNet
-from fasttrain.recipe import Recipe
-from loaders import LoaderRequest, build_loader
+from fasttrain.recipe import Recipe, RecipeError
+from loaders import LoaderRequest, build_loader, check_split
 
 
 class ExitClassifiers(nn.Module):
@@ -58,18 +58,30 @@ def _topk_correct(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def evaluate(logit_fn, loader, accelerator: Accelerator, names: list[str]) -> dict:
     """Top-1/top-5 (%) of each named set of logits; counts are summed over processes, and each
-    process sees its own shard without padding, so every sample counts exactly once."""
+    process sees its own shard without padding, so every readable sample counts exactly once
+    (``skipped_images``: the unreadable ones, left out)."""
     correct = torch.zeros(len(names), 2, device=accelerator.device)
     seen = torch.zeros((), device=accelerator.device)
     for views, labels in loader:
         for i, logits in enumerate(logit_fn(views[0])):
             correct[i] += _topk_correct(logits, labels)
         seen += labels.numel()
+    skipped = torch.tensor(float(len(loader.skipped)), device=accelerator.device)
     correct, seen = accelerator.reduce(correct, reduction="sum"), accelerator.reduce(seen, reduction="sum")
     acc = (100 * correct / seen.clamp(min=1)).tolist()
     result = {name: {"top1": a[0], "top5": a[1]} for name, a in zip(names, acc)}
     return {"backbone": result["backbone"], "subnetwork": result.get("subnetwork"),
-            "ensemble": result.get("ensemble"), "samples": int(seen)}
+            "ensemble": result.get("ensemble"), "samples": int(seen),
+            "skipped_images": int(accelerator.reduce(skipped, reduction="sum"))}
+
+
+def check_evaluation(recipe: Recipe, contrastive: bool, train_images: int) -> None:
+    """What the evaluation after pretraining will read, checked before the first step."""
+    if not contrastive or recipe.linear_eval.enabled:
+        check_split(recipe.loader, recipe.data, "val")
+    if contrastive and recipe.linear_eval.enabled and recipe.linear_eval.batch_size > train_images:
+        raise RecipeError(f"linear_eval.batch_size={recipe.linear_eval.batch_size}: more than the {train_images} "
+                          f"training images it reads; lower it")
 
 
 def classifier_eval(recipe: Recipe, accelerator: Accelerator, model: MultiExitResNet) -> dict:

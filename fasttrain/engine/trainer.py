@@ -15,7 +15,9 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from fasttrain.engine import checkpoint
+from fasttrain.engine.faults import write_bytes
 from fasttrain.engine.knn import KNNMonitor
+from fasttrain.engine.linear_eval import check_evaluation
 from fasttrain.engine.metrics import MetricsFile, PeakMemory, Throughput
 from fasttrain.engine.optim import build_optimizer, lr_factor, set_lr
 from fasttrain.methods import Method, Objective, get_method
@@ -123,13 +125,14 @@ def train(recipe: Recipe, accelerator: Accelerator) -> TrainResult:
     main = accelerator.is_main_process
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "recipe.yaml").write_text(dump_recipe(recipe))
+        write_bytes(run_dir / "recipe.yaml", dump_recipe(recipe).encode())
     batch = per_process_batch(recipe, accelerator)
     loader = build_loader(recipe.loader, recipe.data, LoaderRequest(
         split="train", batch_size=batch, augment=recipe.data.augment, num_views=method.num_views,
         device=accelerator.device, rank=accelerator.process_index, world_size=accelerator.num_processes,
         seed=recipe.train.seed, channels_last=recipe.train.channels_last))
 
+    check_evaluation(recipe, method.contrastive, loader.num_samples * accelerator.num_processes)
     model = build_model(recipe, method, loader.num_classes)
     if recipe.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -247,6 +250,4 @@ def _resume(recipe: Recipe, model, optimizer, accelerator: Accelerator) -> tuple
 
 def write_results(path: Path, results: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_bytes(path, (json.dumps(results, indent=2) + "\n").encode())

@@ -1,0 +1,127 @@
+"""Faults a run must survive without losing what it wrote: stop signals and half-written files.
+
+* A stop signal (SIGTERM; SIGINT is Python's KeyboardInterrupt) becomes an exception in the main
+  process, so every ``finally`` runs: temp files are removed, progress bars closed, and the CLI
+  prints one line and exits ``128 + signal``.
+* A process started by ``accelerate launch`` (or torchrun) dies with its launcher: the single-process
+  launcher neither forwards SIGTERM nor kills its child, which would otherwise train on, orphaned,
+  into a run dir a requeued job also uses.
+* Every file is written under ``.NAME.tmp-PID`` beside its final name and renamed over it when
+  complete; temp files of processes that no longer run are swept at the start of the next run.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Iterator
+
+log = logging.getLogger("fasttrain")
+_PR_SET_PDEATHSIG = 1
+
+
+class Stopped(BaseException):
+    """A stop signal arrived. A BaseException, like KeyboardInterrupt: ``except Exception`` lets it pass."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        self.name = signal.Signals(signum).name
+        super().__init__(self.name)
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+def stop_on_signals(signums=(signal.SIGTERM,)) -> None:
+    """Turn ``signums`` into :class:`Stopped` in this (main) process; forked helpers (loader workers,
+    converter workers) exit quietly instead, leaving the report to the main process."""
+    main_pid = os.getpid()
+
+    def handler(signum, frame):
+        if os.getpid() != main_pid:
+            os._exit(128 + signum)
+        raise Stopped(signum)
+
+    for signum in signums:
+        signal.signal(signum, handler)
+    if _launched_by_a_launcher():
+        _die_with_parent()
+
+
+def _launched_by_a_launcher() -> bool:
+    try:
+        args = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().split(b"\0")[:3]
+    except OSError:
+        return False
+    return any(b"accelerate" in a or b"torchrun" in a or b"torch.distributed.run" in a for a in args)
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGTERM this process when the process that started it exits."""
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the launcher was gone before the request took effect
+        raise Stopped(signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def replacing(path: Path) -> Iterator[Path]:
+    """Yield a temp path beside ``path``; when the block completes it replaces ``path`` atomically,
+    when it fails (an error, a stop signal) it is removed and ``path`` is untouched. A write error
+    names the final file (a full disk raised from a file object names none)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except OSError as exc:
+        if exc.filename is not None and Path(exc.filename) != tmp:
+            raise
+        raise OSError(exc.errno, f"cannot write {path}: {exc.strerror or exc}", str(path)) from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    with replacing(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def sweep_stale_temps(directory: Path, name: str = "*") -> list[Path]:
+    """Remove ``.NAME.tmp-PID`` files in ``directory`` whose writer process no longer runs."""
+    removed = []
+    for tmp in Path(directory).glob(f".{name}.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[1]
+        if pid.isdigit() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+            log.warning("removed %s, left half-written by a process that no longer runs", tmp)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def describe_os_error(exc: OSError) -> str:
+    """One line for an operating-system error: what failed, on which file."""
+    what = exc.strerror or str(exc)
+    if exc.filename is not None and str(exc.filename) not in what:
+        what = f"{exc.filename}: {what}"
+    return what

@@ -1,0 +1,213 @@
+"""Bad input and faults, one test per class: stop signals (plain and through the launcher), temp
+files, inputs checked before the first step, unreadable images in evaluation, the run dir, a full
+disk, symlink loops, duplicate recipe keys, errors raised in loader workers, Ctrl-C at start-up."""
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, make_image_folder
+from fasttrain.engine import checkpoint
+from fasttrain.engine.faults import Stopped, describe_os_error, replacing, sweep_stale_temps
+from test_run import ACCELERATE, ENV, PYTHON, launch, write_recipe
+
+DEAD_PID = 999_999_999  # above any pid_max: never a running process
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    make_image_folder(root / "train", classes=3, per_class=8, size=(24, 20))
+    make_image_folder(root / "val", classes=3, per_class=3, size=(24, 20), seed=1)
+    return root
+
+
+def long_run(tmp_path, data):
+    """A run that would take minutes: it is stopped long before it ends."""
+    return write_recipe(tmp_path, data, "supcon_s", schedule={"epochs": 500}, train={"precision": "fp32"},
+                        linear_eval={"enabled": False}, monitor={"knn_every": 0})
+
+
+def wait_for_steps(run_dir: Path, proc, timeout=300):
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.is_file() and '"kind": "train"' in metrics.read_text():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"no training step logged (exit {proc.poll()})")
+
+
+def trainers_of(recipe: Path) -> list[int]:
+    """Pids of the training processes started with this recipe (the launcher excluded)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            args = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if str(recipe).encode() in args and not any(b"accelerate" in a for a in args[:2]):
+            pids.append(int(entry.name))
+    return pids
+
+
+def test_sigterm_stops_a_training_with_one_line_and_its_checkpoint_intact(tmp_path, data):
+    recipe = long_run(tmp_path, data)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / f".checkpoint.pt.tmp-{DEAD_PID}").write_bytes(b"half a checkpoint of a killed run")
+    alive = run_dir / f".results.json.tmp-{os.getpid()}"  # a live process's temp is not touched
+    alive.write_bytes(b"{}")
+    proc = subprocess.Popen([PYTHON, "fasttrain/run.py", str(recipe), "run.checkpoint_every=1"], cwd=REPO, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_steps(run_dir, proc)
+    assert not (run_dir / f".checkpoint.pt.tmp-{DEAD_PID}").exists() and alive.exists()
+    while not (run_dir / "checkpoint.pt").exists():
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == "fasttrain: stopped by SIGTERM; the last checkpoint is intact"
+    assert checkpoint.load(run_dir / "checkpoint.pt", "test")["epoch"] >= 1
+    assert sorted(p.name for p in run_dir.glob(".*tmp*")) == [alive.name]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("num_processes", [1, 2])
+def test_sigterm_to_accelerate_launch_stops_the_trainers(tmp_path, data, num_processes):
+    recipe = long_run(tmp_path, data)
+    mode = ["--multi_gpu"] if num_processes > 1 else ["--cpu"]
+    env = {**ENV, "ACCELERATE_USE_CPU": "1"}
+    launcher = subprocess.Popen([ACCELERATE, "launch", "-q", *mode, "--num_processes", str(num_processes),
+                                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                                 "fasttrain/run.py", str(recipe)], cwd=REPO, env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_for_steps(tmp_path / "run", launcher)
+    assert len(trainers_of(recipe)) == num_processes
+    launcher.send_signal(signal.SIGTERM)
+    _, err = launcher.communicate(timeout=120)
+    deadline = time.time() + 60
+    while trainers_of(recipe) and time.time() < deadline:
+        time.sleep(0.2)
+    assert trainers_of(recipe) == [], "a trainer outlived its launcher"
+    assert "fasttrain: stopped by SIGTERM" in err
+    assert not (tmp_path / "run" / "results.json").exists()
+
+
+def test_replacing_keeps_the_old_file_on_any_failure_and_leaves_no_temp(tmp_path):
+    target = tmp_path / "checkpoint.pt"
+    target.write_bytes(b"good")
+    for failure in (Stopped(signal.SIGTERM), KeyboardInterrupt(), ValueError("bug")):
+        with pytest.raises(type(failure)):
+            with replacing(target) as tmp:
+                tmp.write_bytes(b"half")
+                raise failure
+        assert target.read_bytes() == b"good" and list(tmp_path.iterdir()) == [target]
+    with replacing(target) as tmp:
+        tmp.write_bytes(b"new")
+    assert target.read_bytes() == b"new" and list(tmp_path.iterdir()) == [target]
+    (tmp_path / f".metrics.csv.tmp-{DEAD_PID}").write_bytes(b"x")
+    (tmp_path / f".out.beton.tmp-{DEAD_PID}").write_bytes(b"x")
+    assert [p.name for p in sweep_stale_temps(tmp_path, "out.beton")] == [f".out.beton.tmp-{DEAD_PID}"]
+    assert [p.name for p in sweep_stale_temps(tmp_path)] == [f".metrics.csv.tmp-{DEAD_PID}"]
+
+
+def test_a_full_disk_while_saving_a_checkpoint_names_the_file_and_keeps_the_old_one(tmp_path):
+    target = tmp_path / "checkpoint.pt"
+    target.write_bytes(b"previous checkpoint")
+    # the temp name of this process is a link to /dev/full: every write fails with ENOSPC, as on a full disk
+    (tmp_path / f".checkpoint.pt.tmp-{os.getpid()}").symlink_to("/dev/full")
+    with pytest.raises(OSError) as info:
+        checkpoint.atomic_save({"model": torch.zeros(1000)}, target)
+    line = describe_os_error(info.value)
+    assert "No space left on device" in line and str(target) in line and "\n" not in line
+    assert target.read_bytes() == b"previous checkpoint" and list(tmp_path.iterdir()) == [target]
+
+
+@pytest.mark.parametrize("change,names", [
+    (["data.val=null"], "data.val: no path given"),
+    (["linear_eval.batch_size=256"], "linear_eval.batch_size=256: more than the 24 training images"),
+])
+def test_what_evaluation_needs_is_checked_before_the_first_step(tmp_path, data, change, names):
+    recipe = write_recipe(tmp_path, data, "supcon_s", train={"precision": "fp32"}, monitor={"knn_every": 0})
+    proc = launch("fasttrain/run.py", recipe, *change, accelerate=False, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert names in proc.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # no step was taken
+
+
+def test_unreadable_validation_images_are_skipped_counted_and_never_duplicated(tmp_path, data):
+    val = make_image_folder(tmp_path / "val", classes=3, per_class=3, size=(24, 20), seed=1, corrupt=2)
+    recipe = write_recipe(tmp_path, data, "ce", train={"precision": "fp32"}, monitor={"knn_every": 1})
+    proc = launch("fasttrain/run.py", recipe, f"data.val={val}", "linear_eval.batch_size=4", accelerate=False)
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["linear_eval"]["samples"] == 9 and results["linear_eval"]["skipped_images"] == 2
+    assert "broken_0.jpg" in proc.stderr and "broken_1.jpg" in proc.stderr
+
+
+@pytest.mark.parametrize("where,names", [
+    ("file", "exists and is not a directory"),
+    ("under_file", "a part of this path is a file, not a directory"),
+])
+def test_an_unusable_run_dir_is_one_line(tmp_path, data, where, names):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file")
+    run_dir = blocker if where == "file" else blocker / "run"
+    proc = launch("fasttrain/run.py", write_recipe(tmp_path, data), f"run.dir={run_dir}", accelerate=False,
+                  check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [f"fasttrain: error: run.dir={run_dir}: {names}"]
+    assert blocker.read_text() == "a file"
+
+
+def test_a_symlink_loop_in_a_class_folder_is_refused_naming_the_link(tmp_path, data):
+    train = make_image_folder(tmp_path / "train", classes=2, per_class=4, size=(24, 20))
+    (train / "class_01" / "again").symlink_to("..")
+    proc = launch("fasttrain/run.py", write_recipe(tmp_path, data), f"data.train={train}", accelerate=False,
+                  check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"data.train: {train / 'class_01' / 'again'} links back to" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_a_key_given_twice_in_a_recipe_is_refused(tmp_path, data):
+    recipe = write_recipe(tmp_path, data)
+    recipe.write_text(recipe.read_text() + "method: ce\n")
+    proc = launch("fasttrain/run.py", recipe, accelerate=False, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"fasttrain: error: {recipe}:{len(recipe.read_text().splitlines())}: "
+                                                f"not valid YAML (duplicate key 'method')"]
+
+
+def test_a_beton_given_to_an_image_folder_loader_says_so(tmp_path, data):
+    beton = tmp_path / "train.beton"
+    beton.write_bytes(b"ffcv")
+    proc = launch("fasttrain/run.py", write_recipe(tmp_path, data), f"data.train={beton}", accelerate=False,
+                  check=False)
+    assert proc.returncode == 2 and "a .beton is read by loader=ffcv" in proc.stderr
+
+
+def test_no_readable_image_in_a_worker_is_one_line(tmp_path, data):
+    train = tmp_path / "train"
+    for c in range(2):
+        (train / f"class_{c}").mkdir(parents=True)
+        for i in range(4):
+            (train / f"class_{c}" / f"{i}.jpg").write_bytes(b"not a jpeg")
+    proc = launch("fasttrain/run.py", write_recipe(tmp_path, data), f"data.train={train}", "data.num_workers=1",
+                  "train.batch_size=4", "linear_eval.batch_size=4", accelerate=False, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == f"fasttrain: error: data.train: no readable image in {train}"
+
+
+def test_ctrl_c_during_start_up_is_one_line(tmp_path, data):
+    proc = subprocess.Popen([PYTHON, "fasttrain/run.py", str(write_recipe(tmp_path, data))], cwd=REPO, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.0)  # inside the imports of torch, accelerate and pydantic
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == "fasttrain: interrupted; the last checkpoint is intact"
