@@ -19,23 +19,28 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 log = logging.getLogger("fasttrain")
-EXIT_CODES = """exit status: 0 done; 1 the system failed a write (disk full, no permission); 2 bad input
+EXIT_CODES = """exit status: 0 done; 1 the system refused a file operation (disk full, no permission); 2 bad input
 (recipe key, path, file, checkpoint); 3 stopped at collapse (monitor.on_collapse: stop);
 130 interrupted (Ctrl-C); 143 stopped by SIGTERM. Every non-zero exit leaves the last checkpoint intact."""
 
 
 def main(argv=None) -> int:
-    try:  # Ctrl-C is one line from the first import on
+    from fasttrain.engine.faults import Stopped, stop_on_signals  # the standard library only
+
+    try:  # a stop is one line from the first import on
+        stop_on_signals()
         return _main(argv)
     except KeyboardInterrupt:
         print("fasttrain: interrupted; the last checkpoint is intact", file=sys.stderr)
         return 130
+    except Stopped as stop:
+        print(f"fasttrain: stopped by {stop.name}; the last checkpoint is intact", file=sys.stderr)
+        return stop.exit_code
 
 
 def _main(argv) -> int:
-    from fasttrain.engine.faults import Stopped, describe_os_error, stop_on_signals
+    from fasttrain.engine.faults import describe_os_error
 
-    stop_on_signals()
     parser = argparse.ArgumentParser(description=__doc__, epilog=EXIT_CODES,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("recipe", help="recipe YAML file (recipes/*.yaml)")
@@ -58,15 +63,12 @@ def _main(argv) -> int:
     except (RecipeError, LoaderError) as exc:
         print(f"fasttrain: error: {exc}", file=sys.stderr)
         return 2
-    except OSError as exc:  # the system refused a write: disk full, no permission
+    except OSError as exc:  # the system refused a file operation: disk full, no permission
         print(f"fasttrain: error: {describe_os_error(exc)}; the last checkpoint is intact", file=sys.stderr)
         return 1
     except CollapseError as exc:
         print(f"fasttrain: stopped: {exc}; the last checkpoint is intact", file=sys.stderr)
         return 3
-    except Stopped as stop:
-        print(f"fasttrain: stopped by {stop.name}; the last checkpoint is intact", file=sys.stderr)
-        return stop.exit_code
     if results is not None:
         print(format_table(results))
     return 0
