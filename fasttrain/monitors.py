@@ -25,6 +25,10 @@ class CollapseError(RuntimeError):
     """A run stopped because its representation collapsed (``monitor.on_collapse: stop``)."""
 
 
+class NonFiniteLossError(RuntimeError):
+    """A run stopped because its loss was NaN/Inf for ``train.max_nonfinite_steps`` steps in a row."""
+
+
 @torch.no_grad()
 def spread(z: torch.Tensor) -> torch.Tensor:
     """std over the batch of L2-normalised ``z [N, D]``, mean over D, times sqrt(D)."""

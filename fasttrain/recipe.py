@@ -73,6 +73,7 @@ class TrainConfig(_Strict):
     seed: int = 0
     max_steps_per_epoch: Optional[int] = Field(None, gt=0)  # short runs: tests, smoke checks
     log_every: int = Field(10, gt=0)
+    max_nonfinite_steps: int = Field(10, gt=0)  # a NaN/Inf loss skips its update; this many in a row stop the run
 
 
 class LinearEvalConfig(_Strict):
@@ -102,6 +103,8 @@ class RunConfig(_Strict):
     dir: Path = Path("runs/default")
     resume: Union[Literal["auto", "never"], Path] = "auto"
     checkpoint_every: int = Field(1, gt=0)  # epochs; the last epoch always checkpoints
+    checkpoint_every_steps: Optional[int] = Field(None, gt=0)  # optimizer updates, mid-epoch too
+    keep_last: int = Field(1, gt=0)  # > 1: also keep checkpoint-<updates>.pt, the newest N (resume falls back)
 
 
 class Recipe(_Strict):

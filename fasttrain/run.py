@@ -20,8 +20,11 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 log = logging.getLogger("fasttrain")
 EXIT_CODES = """exit status: 0 done; 1 the system refused a file operation (disk full, no permission); 2 bad input
-(recipe key, path, file, checkpoint); 3 stopped at collapse (monitor.on_collapse: stop);
-130 interrupted (Ctrl-C); 143 stopped by SIGTERM. Every non-zero exit leaves the last checkpoint intact."""
+(recipe key, path, file, checkpoint); 3 stopped itself: collapse (monitor.on_collapse: stop) or a loss
+not finite for train.max_nonfinite_steps steps in a row;
+130 interrupted (Ctrl-C); 143 / 138 stopped by SIGTERM / SIGUSR1 (preemption: during training, a checkpoint of the
+exact step is written first; requeue and resume with run.resume=auto). Every non-zero exit leaves the last checkpoint
+intact."""
 
 
 def main(argv=None) -> int:
@@ -34,7 +37,7 @@ def main(argv=None) -> int:
         print("fasttrain: interrupted; the last checkpoint is intact", file=sys.stderr)
         return 130
     except Stopped as stop:
-        print(f"fasttrain: stopped by {stop.name}; the last checkpoint is intact", file=sys.stderr)
+        print(f"fasttrain: stopped by {stop.name}{stop.detail or '; the last checkpoint is intact'}", file=sys.stderr)
         return stop.exit_code
 
 
@@ -51,9 +54,11 @@ def _main(argv) -> int:
                        help="skip pretraining: evaluate the recipe's encoder at its (seeded) random initialisation, "
                             "the floor every method must beat; writes random_init.json")
     args = parser.parse_intermixed_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for ours in ("fasttrain", "loaders"):  # our INFO lines; the libraries' only from WARNING up
+        logging.getLogger(ours).setLevel(logging.INFO)
     warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated.*")
-    from fasttrain.monitors import CollapseError
+    from fasttrain.monitors import CollapseError, NonFiniteLossError
     from fasttrain.recipe import RecipeError, load_recipe
     from loaders import LoaderError
 
@@ -66,7 +71,7 @@ def _main(argv) -> int:
     except OSError as exc:  # the system refused a file operation: disk full, no permission
         print(f"fasttrain: error: {describe_os_error(exc)}; the last checkpoint is intact", file=sys.stderr)
         return 1
-    except CollapseError as exc:
+    except (CollapseError, NonFiniteLossError) as exc:
         print(f"fasttrain: stopped: {exc}; the last checkpoint is intact", file=sys.stderr)
         return 3
     if results is not None:
@@ -125,6 +130,7 @@ def run(recipe: Recipe, eval_only: str | None = None, random_init: bool = False)
         "peak_memory_bytes": trained.peak_memory_bytes if trained else None,
         "peak_memory_kind": trained.peak_memory_kind if trained else None,
         "skipped_images": trained.skipped_images if trained else 0,
+        "nonfinite_steps": trained.nonfinite_steps if trained else 0,
         "wall_seconds": time.perf_counter() - started,
         "linear_eval": evaluation,
         "knn": knn,

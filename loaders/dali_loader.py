@@ -176,6 +176,7 @@ class DALILoader:
         center = req.augment == "center"
         self.views = [f"view{i}" for i in range(1 if center else req.num_views)]
         self.repeat = req.num_views if center else 1  # a deterministic view is the same image twice
+        self.skip_batches = 0
         self.iterator = DALIGenericIterator(
             pipe, [*self.views, "label"], reader_name=READER, auto_reset=True,
             last_batch_policy=LastBatchPolicy.DROP if req.training else LastBatchPolicy.PARTIAL)
@@ -187,12 +188,14 @@ class DALILoader:
     def __len__(self) -> int:
         return self.steps
 
-    def set_epoch(self, epoch: int) -> None:
-        """No-op: DALI reshuffles itself each epoch (see the module docstring)."""
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        """DALI reshuffles itself each epoch (see the module docstring): a resumed epoch drops its first
+        ``skip_batches`` batches, so it has the right length, but not the interrupted epoch's samples."""
+        self.skip_batches = skip_batches
 
     def __iter__(self) -> Iterator[tuple[tuple[torch.Tensor, ...], torch.Tensor]]:
-        for (batch,) in self.iterator:
-            if len(batch["label"]) == 0:
+        for index, (batch,) in enumerate(self.iterator):
+            if len(batch["label"]) == 0 or index < self.skip_batches:
                 continue
             views = []
             for name in self.views:

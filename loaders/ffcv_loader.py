@@ -176,7 +176,7 @@ class FFCVLoader:
         self.cfg, self.req, self.dtype = cfg, req, output_dtype(cfg)
         self.num_classes = int(reader.metadata["f1"].max()) + 1
         self.skipped: set[str] = set()  # unreadable files were left out by ffcv_convert
-        self.epoch = 0
+        self.epoch = self.skip_batches = 0
         self._cuda = req.device.type == "cuda"  # the GPU-only branch: ToDevice in the pipelines
         self._torch_norm = self._cuda or req.augment == "contrastive"
         self._mean = torch.tensor(cfg.mean, device=req.device).view(1, 3, 1, 1)
@@ -246,8 +246,8 @@ class FFCVLoader:
     def __len__(self) -> int:
         return len(self._loader)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        self.epoch, self.skip_batches = epoch, skip_batches
         self._loader.next_epoch = epoch  # ffcv seeds the order with (seed, epoch)
         self._gen.manual_seed(self.req.seed * 1_000_003 + epoch * 1009 + self.req.rank)
         if self.cfg.progressive and self.req.training:  # as ffcv-imagenet: buffers follow at the next epoch
@@ -268,10 +268,11 @@ class FFCVLoader:
     def __iter__(self):
         torch_threads = torch.get_num_threads()
         try:  # ffcv's batch thread sets torch's thread count to num_workers before its first batch
-            for batch in self._loader:
+            for index, batch in enumerate(self._loader):
                 torch.set_num_threads(torch_threads)
-                images = (batch[0], *batch[2:])
-                yield tuple(self._finish(x) for x in images), batch[1].to(self.req.device, copy=True).view(-1)
+                images = tuple(self._finish(x) for x in (batch[0], *batch[2:]))
+                if index >= self.skip_batches:  # a resumed epoch: decoded and dropped, so its randomness matches
+                    yield images, batch[1].to(self.req.device, copy=True).view(-1)
         finally:
             torch.set_num_threads(torch_threads)
 

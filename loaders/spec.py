@@ -129,7 +129,8 @@ class Loader(Protocol):
 
     def __len__(self) -> int: ...
 
-    def set_epoch(self, epoch: int) -> None: ...
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        """Set the epoch's order; a resumed epoch starts after its first ``skip_batches`` batches."""
 
     def __iter__(self) -> Iterator[tuple[tuple[torch.Tensor, ...], torch.Tensor]]: ...
 

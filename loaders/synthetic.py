@@ -16,24 +16,25 @@ class SyntheticLoader:
         self.num_samples = self.batches * req.batch_size
         self.skipped: set[str] = set()
         self.size = cfg.image_size
-        self.epoch = 0
+        self.epoch = self.skip_batches = 0
 
     def __len__(self) -> int:
         return self.batches
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        self.epoch, self.skip_batches = epoch, skip_batches
 
     def __iter__(self):
         gen = torch.Generator(device=self.req.device)
         gen.manual_seed(self.req.seed * 1_000_003 + self.epoch * 1009 + self.req.rank)
         fmt = torch.channels_last if self.req.channels_last else torch.contiguous_format
         shape = (self.req.batch_size, 3, self.size, self.size)
-        for _ in range(self.batches):
+        for index in range(self.batches):
             labels = torch.randint(0, self.num_classes, (self.req.batch_size,), device=self.req.device, generator=gen)
             views = tuple(torch.randn(shape, device=self.req.device, generator=gen, dtype=torch.float32)
                           .to(dtype=self.dtype, memory_format=fmt) for _ in range(self.req.num_views))
-            yield views, labels
+            if index >= self.skip_batches:  # made and dropped: the generator stays where an unbroken epoch has it
+                yield views, labels
 
 
 def build(cfg: DataConfig, req: LoaderRequest) -> SyntheticLoader:

@@ -1,6 +1,7 @@
 """The reference backend: torchvision's ImageFolder, PIL decoding and transforms on CPU workers."""
 from __future__ import annotations
 
+import itertools
 import logging
 from typing import Iterator
 
@@ -65,6 +66,17 @@ def _collate(batch):
     return tuple(torch.stack(v) for v in zip(*views)), torch.tensor(labels, dtype=torch.long), skipped
 
 
+class _SkippingSampler(DistributedSampler):
+    """The epoch's order, less its first ``skip`` samples (a resumed epoch), none of them read. With
+    ``num_workers: 0`` the augmentations draw from the main process's RNG, which a resumed run restores,
+    so the rest of the epoch is the uninterrupted run's, image for image and crop for crop."""
+
+    skip = 0
+
+    def __iter__(self):
+        return itertools.islice(super().__iter__(), self.skip, None)
+
+
 class TorchvisionLoader:
     def __init__(self, cfg: DataConfig, req: LoaderRequest):
         key = f"data.{req.split}"
@@ -78,10 +90,11 @@ class TorchvisionLoader:
         self.classes = dataset.folder.classes
         self.skipped: set[str] = set()
         items = subset_indices(len(dataset), req.subset, req.seed).tolist()
+        self.generator = torch.Generator().manual_seed(req.seed)  # workers' seeds: never the global RNG's draws
         if req.training:
             source = Subset(dataset, items) if req.subset else dataset
-            self.sampler = DistributedSampler(source, num_replicas=req.world_size, rank=req.rank,
-                                              shuffle=True, seed=req.seed, drop_last=True)
+            self.sampler = _SkippingSampler(source, num_replicas=req.world_size, rank=req.rank,
+                                            shuffle=True, seed=req.seed, drop_last=True)
             sampler = self.sampler
         else:
             self.sampler = None
@@ -92,15 +105,18 @@ class TorchvisionLoader:
         self.loader = DataLoader(
             source, batch_size=req.batch_size, sampler=sampler, shuffle=False, drop_last=req.training,
             num_workers=cfg.num_workers, collate_fn=_collate, pin_memory=req.device.type == "cuda",
+            generator=self.generator,
             persistent_workers=cfg.num_workers > 0, prefetch_factor=4 if cfg.num_workers > 0 else None)
         self.num_samples = len(self.loader) * req.batch_size if req.training else len(source)
 
     def __len__(self) -> int:
         return len(self.loader)
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        self.generator.manual_seed(self.req.seed * 1_000_003 + epoch)
         if self.sampler is not None:
             self.sampler.set_epoch(epoch)
+            self.sampler.skip = skip_batches * self.req.batch_size
 
     def __iter__(self) -> Iterator:
         yielded = 0

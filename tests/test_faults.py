@@ -3,6 +3,7 @@ files, inputs checked before the first step, unreadable images in evaluation, th
 disk, symlink loops, duplicate recipe keys, errors raised in loader workers, Ctrl-C at start-up."""
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -63,18 +64,27 @@ def test_sigterm_stops_a_training_with_one_line_and_its_checkpoint_intact(tmp_pa
     (run_dir / f".checkpoint.pt.tmp-{DEAD_PID}").write_bytes(b"half a checkpoint of a killed run")
     alive = run_dir / f".results.json.tmp-{os.getpid()}"  # a live process's temp is not touched
     alive.write_bytes(b"{}")
-    proc = subprocess.Popen([PYTHON, "fasttrain/run.py", str(recipe), "run.checkpoint_every=1"], cwd=REPO, env=ENV,
+    proc = subprocess.Popen([PYTHON, "fasttrain/run.py", str(recipe)], cwd=REPO, env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for_steps(run_dir, proc)
     assert not (run_dir / f".checkpoint.pt.tmp-{DEAD_PID}").exists() and alive.exists()
-    while not (run_dir / "checkpoint.pt").exists():
-        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143 and "Traceback" not in err
+    line = err.strip().splitlines()[-1]
+    assert re.fullmatch(r"fasttrain: stopped by SIGTERM (at epoch \d+ step \d/3|after epoch \d+): checkpoint "
+                        r"written \(\d+ updates\); resume with run.resume=auto", line), line
+    state = checkpoint.load(run_dir / "checkpoint.pt", "test")  # the exact step it stopped at
+    assert state["updates"] == 3 * state["epoch"] + state["step_in_epoch"] and state["updates"] >= 1
+    assert sorted(p.name for p in run_dir.glob(".*tmp*")) == [alive.name]
+    # outside the training loop (here: in the middle of start-up) a stop is immediate, and says so
+    proc = subprocess.Popen([PYTHON, "fasttrain/run.py", str(recipe), f"run.dir={tmp_path / 'other'}"], cwd=REPO,
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.5)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143 and "Traceback" not in err
     assert err.strip().splitlines()[-1] == "fasttrain: stopped by SIGTERM; the last checkpoint is intact"
-    assert checkpoint.load(run_dir / "checkpoint.pt", "test")["epoch"] >= 1
-    assert sorted(p.name for p in run_dir.glob(".*tmp*")) == [alive.name]
 
 
 @pytest.mark.slow
@@ -97,6 +107,45 @@ def test_sigterm_to_accelerate_launch_stops_the_trainers(tmp_path, data, num_pro
     assert trainers_of(recipe) == [], "a trainer outlived its launcher"
     assert "fasttrain: stopped by SIGTERM" in err
     assert not (tmp_path / "run" / "results.json").exists()
+
+
+def train_rows(run_dir: Path) -> list[dict]:
+    return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("num_processes", [1, 2])
+def test_sigterm_mid_epoch_then_resume_equals_the_run_never_stopped(tmp_path, data, num_processes):
+    settings = dict(schedule={"epochs": 3, "warmup_epochs": 0.5}, train={"precision": "fp32", "batch_size": 4},
+                    linear_eval={"enabled": False}, monitor={"knn_every": 0})  # 24 images: 6 steps per epoch
+    mode = ["--multi_gpu"] if num_processes > 1 else ["--cpu"]
+    command = [ACCELERATE, "launch", "-q", *mode, "--num_processes", str(num_processes), "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "fasttrain/run.py"]
+    env = {**ENV, "ACCELERATE_USE_CPU": "1"}
+    (tmp_path / "never").mkdir()
+    subprocess.run([*command, str(write_recipe(tmp_path / "never", data, **settings))], cwd=REPO, env=env,
+                   check=True, capture_output=True, timeout=600)
+
+    recipe = write_recipe(tmp_path, data, **settings)
+    launcher = subprocess.Popen([*command, str(recipe)], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+    metrics, deadline = tmp_path / "run" / "metrics.jsonl", time.time() + 300
+    while not (metrics.is_file() and metrics.read_text().count('"kind": "train"') >= 2) and time.time() < deadline:
+        time.sleep(0.01)
+    launcher.send_signal(signal.SIGTERM)
+    _, err = launcher.communicate(timeout=120)
+    while trainers_of(recipe) and time.time() < deadline:
+        time.sleep(0.1)
+    stopped = checkpoint.load(tmp_path / "run" / "checkpoint.pt", "test")
+    assert "fasttrain: stopped by SIGTERM" in err and stopped["updates"] < 18
+    subprocess.run([*command, str(recipe)], cwd=REPO, env=env, check=True, capture_output=True, timeout=600)
+
+    reference, resumed = train_rows(tmp_path / "never" / "run"), train_rows(tmp_path / "run")
+    assert [r["step"] for r in resumed] == [r["step"] for r in reference] == list(range(1, 19))
+    assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in reference], rel=1e-6, abs=1e-7)
+    final = checkpoint.load(tmp_path / "run" / "checkpoint.pt", "test")["model"]
+    for name, weight in checkpoint.load(tmp_path / "never" / "run" / "checkpoint.pt", "test")["model"].items():
+        assert torch.allclose(final[name].float(), weight.float(), rtol=1e-5, atol=1e-6), name
 
 
 def test_replacing_keeps_the_old_file_on_any_failure_and_leaves_no_temp(tmp_path):
@@ -210,4 +259,71 @@ def test_ctrl_c_during_start_up_is_one_line(tmp_path, data):
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "Traceback" not in err
-    assert err.strip().splitlines()[-1] == "fasttrain: interrupted; the last checkpoint is intact"
+    assert "fasttrain: interrupted; the last checkpoint is intact" in err.strip().splitlines()
+
+
+def poison_losses(monkeypatch, bad_calls: set):
+    """Make the loss NaN on the given calls (1-based) of the training objective."""
+    from fasttrain.engine import trainer
+
+    real, calls = trainer.objective, [0]
+
+    class Poisoned:
+        def __init__(self, loss_fn):
+            self.loss_fn = loss_fn
+
+        def __getattr__(self, name):
+            return getattr(self.loss_fn, name)
+
+        def __call__(self, model, views, labels):
+            loss, logs = self.loss_fn(model, views, labels)
+            calls[0] += 1
+            return (loss * float("nan") if calls[0] in bad_calls else loss), logs
+
+    monkeypatch.setattr(trainer, "objective", lambda recipe: Poisoned(real(recipe)))
+
+
+def test_a_nonfinite_loss_skips_its_update_and_too_many_in_a_row_stop_the_run(tmp_path, data, monkeypatch, capsys):
+    from fasttrain.recipe import load_recipe
+    from fasttrain.run import main, run
+
+    recipe = write_recipe(tmp_path, data, "supcon_s", schedule={"epochs": 3}, train={"precision": "fp32"},
+                          linear_eval={"enabled": False}, monitor={"knn_every": 0}, run={"dir": str(tmp_path / "a"),
+                                                                                          "checkpoint_every": 1})
+    poison_losses(monkeypatch, {2, 3})
+    results = run(load_recipe(recipe))  # 3 steps per epoch, 9 in all, 2 skipped
+    assert results["nonfinite_steps"] == 2 and results["steps"] == 7
+    weights = checkpoint.load(tmp_path / "a" / "checkpoint.pt", "test")["model"]
+    assert all(torch.isfinite(w).all() for w in weights.values() if w.is_floating_point())
+    assert "loss is not finite at epoch 1 step 2/3: update skipped (1 skipped so far)" in capsys.readouterr().out
+
+    poison_losses(monkeypatch, set(range(4, 100)))  # from the first step of epoch 2 on
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        code = main([str(recipe), f"run.dir={tmp_path / 'b'}", "train.max_nonfinite_steps=3"])
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+    assert code == 3
+    assert "loss not finite for 3 steps in a row (train.max_nonfinite_steps), the last at epoch 2 step 3/3; the " \
+        "last checkpoint is intact" in capsys.readouterr().err
+    assert checkpoint.load(tmp_path / "b" / "checkpoint.pt", "test")["epoch"] == 1  # the last good one, intact
+
+
+def test_step_checkpoints_keep_the_newest_and_a_broken_latest_falls_back(tmp_path, data, caplog):
+    from fasttrain.recipe import load_recipe
+    from fasttrain.run import run
+
+    recipe = write_recipe(tmp_path, data, "supcon_s", train={"precision": "fp32", "batch_size": 4},
+                          linear_eval={"enabled": False}, monitor={"knn_every": 0},
+                          run={"dir": str(tmp_path / "run"), "checkpoint_every_steps": 2, "keep_last": 2})
+    run(load_recipe(recipe))  # 6 steps: kept at updates 2, 4, 6 (epoch end), the newest 2 stay
+    run_dir = tmp_path / "run"
+    assert sorted(p.name for p in run_dir.glob("checkpoint-*.pt")) == ["checkpoint-00000004.pt",
+                                                                        "checkpoint-00000006.pt"]
+    assert checkpoint.load(run_dir / "checkpoint-00000004.pt", "test")["step_in_epoch"] == 4
+    (run_dir / "checkpoint.pt").write_bytes(b"")  # truncated in place: its linked copy checkpoint-6 too
+    results = run(load_recipe(recipe, ["schedule.epochs=2"]))
+    assert results["steps"] == 12
+    warning = [r.getMessage() for r in caplog.records if "resuming from" in r.getMessage()]
+    assert len(warning) == 1 and "not a readable checkpoint" in warning[0]
+    assert warning[0].endswith(f"resuming from {run_dir / 'checkpoint-00000004.pt'}, the newest readable one")

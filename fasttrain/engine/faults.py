@@ -18,17 +18,18 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 log = logging.getLogger("fasttrain")
 _PR_SET_PDEATHSIG = 1
 
 
 class Stopped(BaseException):
-    """A stop signal arrived. A BaseException, like KeyboardInterrupt: ``except Exception`` lets it pass."""
+    """A stop signal arrived. A BaseException, like KeyboardInterrupt: ``except Exception`` lets it pass.
+    ``detail``: what was saved before stopping (the trainer's checkpoint of the exact position)."""
 
-    def __init__(self, signum: int):
-        self.signum = signum
+    def __init__(self, signum: int, detail: str = ""):
+        self.signum, self.detail = signum, detail
         self.name = signal.Signals(signum).name
         super().__init__(self.name)
 
@@ -37,20 +38,49 @@ class Stopped(BaseException):
         return 128 + self.signum
 
 
-def stop_on_signals(signums=(signal.SIGTERM,)) -> None:
-    """Turn ``signums`` into :class:`Stopped` in this (main) process; forked helpers (loader workers,
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # schedulers' preemption notices (SLURM: --signal=USR1@T)
+_deferred = False
+_pending: Optional[int] = None
+
+
+def stop_on_signals(signums=STOP_SIGNALS) -> None:
+    """Turn ``signums`` into :class:`Stopped` in this (main) process, or, inside :func:`deferred_stops`,
+    into a request the trainer honours at the next step boundary; forked helpers (loader workers,
     converter workers) exit quietly instead, leaving the report to the main process."""
     main_pid = os.getpid()
 
     def handler(signum, frame):
+        global _pending
         if os.getpid() != main_pid:
             os._exit(128 + signum)
+        if _deferred:
+            _pending = _pending or signum
+            return
         raise Stopped(signum)
 
     for signum in signums:
         signal.signal(signum, handler)
     if _launched_by_a_launcher():
         _die_with_parent()
+
+
+@contextlib.contextmanager
+def deferred_stops() -> Iterator[None]:
+    """Inside, a stop signal is only recorded (:func:`pending_stop`): a training step is never cut in
+    half. A stop still pending when the block ends is raised then."""
+    global _deferred
+    _deferred = True
+    try:
+        yield
+    finally:
+        _deferred = False
+    if _pending:
+        raise Stopped(_pending)
+
+
+def pending_stop() -> Optional[int]:
+    """The stop signal received inside :func:`deferred_stops`, if any."""
+    return _pending
 
 
 def _launched_by_a_launcher() -> bool:

@@ -4,6 +4,7 @@ classifier on the backbone feature and one on each sub-network feature, and thei
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Iterator, Optional
 
 import torch
@@ -12,8 +13,9 @@ from accelerate import Accelerator
 from torch import nn
 from tqdm.auto import tqdm
 
+from fasttrain.engine import checkpoint
 from fasttrain.engine.optim import set_lr
-from fasttrain.models import MultiExitResNet
+from fasttrain.models import MultiExitResNet, exit_names
 from fasttrain.recipe import Recipe, RecipeError
 from loaders import LoaderRequest, build_loader, check_split
 
@@ -126,6 +128,11 @@ def linear_eval(recipe: Recipe, accelerator: Accelerator, encoder: MultiExitResN
                 bar.set_postfix(loss=f"{loss.item() / encoder.num_exits:.3f}")
 
     classifiers.eval()
+    if accelerator.is_main_process:  # kept for export (python -m fasttrain.export)
+        heads = accelerator.unwrap_model(classifiers).heads
+        checkpoint.atomic_save({name: {k: v.detach().cpu() for k, v in head.state_dict().items()}
+                                for name, head in zip(exit_names(len(heads)), heads)},
+                               Path(recipe.run.dir) / checkpoint.LINEAR_CLASSIFIERS)
     with_subnet = encoder.num_exits > 1
 
     def logits(image):

@@ -2,6 +2,7 @@
 checkpoints and logging. Every method, loader and benchmark goes through this one step."""
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -11,18 +12,18 @@ from typing import Optional
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import gather_object, set_seed
 from tqdm.auto import tqdm
 
 from fasttrain.engine import checkpoint
-from fasttrain.engine.faults import write_bytes
+from fasttrain.engine.faults import Stopped, deferred_stops, pending_stop, write_bytes
 from fasttrain.engine.knn import KNNMonitor
 from fasttrain.engine.linear_eval import check_evaluation
 from fasttrain.engine.metrics import MetricsFile, PeakMemory, Throughput
 from fasttrain.engine.optim import build_optimizer, lr_factor, set_lr
 from fasttrain.methods import Method, Objective, get_method
 from fasttrain.models import MultiExitResNet, build_encoder
-from fasttrain.monitors import CollapseWatch
+from fasttrain.monitors import CollapseWatch, NonFiniteLossError
 from fasttrain.recipe import Recipe, RecipeError, dump_recipe, objective
 from loaders import LoaderRequest, build_loader
 
@@ -86,12 +87,20 @@ class TrainStep:
         self.total_updates, self.warmup_updates, self.final_lr_ratio = total_updates, warmup_updates, final_lr_ratio
         self.clip_grad_norm = clip_grad_norm
         self.updates = updates  # optimizer updates done; the lr is derived from it
+        self.nonfinite_steps = self.nonfinite_in_a_row = 0  # micro-steps skipped for a NaN/Inf loss
         self.lr = set_lr(optimizer, lr_factor(updates, total_updates, warmup_updates, final_lr_ratio))
 
     def __call__(self, views, labels, measure: bool = False):
-        """``measure``: this step's logs will be read, so include the gradient norm."""
+        """``measure``: this step's logs will be read, so include the gradient norm. A loss that is
+        not finite on any process skips the backward and the update on every process."""
         with self.accelerator.accumulate(self.model):
             loss, logs = self.objective(self.model, views, labels)
+            if not self._finite(loss):
+                self.optimizer.zero_grad(set_to_none=True)
+                self.nonfinite_in_a_row += 1
+                self.nonfinite_steps += 1
+                return loss.detach(), {**logs, "nonfinite_steps": torch.tensor(float(self.nonfinite_steps))}
+            self.nonfinite_in_a_row = 0
             self.accelerator.backward(loss)
             if self.accelerator.sync_gradients:
                 if self.clip_grad_norm or measure:  # without clipping, the norm costs a pass only when logged
@@ -102,7 +111,11 @@ class TrainStep:
                 self.updates += 1
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-        return loss.detach(), logs
+        return loss.detach(), {**logs, "nonfinite_steps": torch.tensor(float(self.nonfinite_steps))}
+
+    def _finite(self, loss: torch.Tensor) -> bool:
+        finite = torch.isfinite(loss.detach()).float().reshape(1)
+        return bool(self.accelerator.reduce(finite, reduction="sum").item() == self.accelerator.num_processes)
 
 
 @dataclass
@@ -115,6 +128,7 @@ class TrainResult:
     peak_memory_bytes: int
     peak_memory_kind: str
     skipped_images: int
+    nonfinite_steps: int  # updates skipped for a NaN/Inf loss
     knn: list[dict]  # per evaluated epoch: {"epoch", <exit>: top-1 %, ..., "ensemble"}
 
 
@@ -146,7 +160,7 @@ def train(recipe: Recipe, accelerator: Accelerator) -> TrainResult:
         raise RecipeError(f"train.grad_accum_steps={recipe.train.grad_accum_steps}: more than the "
                           f"{micro_steps} steps of an epoch")
     micro_steps = updates_per_epoch * recipe.train.grad_accum_steps
-    start_epoch, updates = _resume(recipe, model, optimizer, accelerator)
+    start_epoch, start_step, updates, rng = _resume(recipe, model, optimizer, accelerator)
     num_exits = model.num_exits
     model, optimizer = accelerator.prepare(model, optimizer)
     loss_fn = objective(recipe)
@@ -157,7 +171,7 @@ def train(recipe: Recipe, accelerator: Accelerator) -> TrainResult:
                      clip_grad_norm=recipe.optim.clip_grad_norm)
 
     accelerator.init_trackers("fasttrain")
-    metrics = MetricsFile(run_dir, main, resume_step=updates if start_epoch else None)
+    metrics = MetricsFile(run_dir, main, resume_step=updates if updates else None)
     speed, memory = Throughput(accelerator.device), PeakMemory(accelerator.device)
     memory.reset()
     images_per_step = batch * accelerator.num_processes
@@ -166,40 +180,69 @@ def train(recipe: Recipe, accelerator: Accelerator) -> TrainResult:
                           loss_at_collapse=loss_fn.loss_at_collapse(images_per_step, num_exits))
     knn = KNNMonitor(recipe, accelerator) if recipe.monitor.knn_every else None
     knn_curve = [{k: v for k, v in r.items() if k not in ("kind", "step")} for r in metrics.read() if r["kind"] == "knn"]
-    for epoch in range(start_epoch, recipe.schedule.epochs):
-        model.train()
-        loader.set_epoch(epoch)
-        speed.resume()
-        with tqdm(total=micro_steps, desc=f"epoch {epoch + 1}/{recipe.schedule.epochs}", disable=not main,
-                  dynamic_ncols=True, leave=True) as bar:  # closed on any exception: error lines start a line
-            for index, (views, labels) in enumerate(loader):
-                if index == micro_steps:
-                    break
-                logged = (index + 1) % recipe.train.log_every == 0 or index + 1 == micro_steps
-                loss, logs = step(views, labels, measure=logged)
-                speed.update(images_per_step)
-                bar.update(1)
-                if logged:
-                    row = _log_row(accelerator, logs, step, speed)
-                    spreads = "/".join(f"{row[k]:.2f}" for k in sorted(row) if k.startswith("spread/"))
-                    bar.set_postfix(loss=f"{row['loss']:.4f}", spread=spreads, lr=f"{step.lr:.3g}",
-                                    img_s=f"{row.get('images_per_second') or 0:.0f}")
-                    accelerator.log(row, step=step.updates)
-                    metrics.write({"kind": "train", "epoch": epoch + 1, "step": step.updates, **row})
-                    watch(row, step.updates)
-        speed.stop()
-        if epoch + 1 == recipe.schedule.epochs or (epoch + 1) % recipe.run.checkpoint_every == 0:
-            _save(recipe, accelerator, model, optimizer, epoch + 1, step.updates)
-        if knn and ((epoch + 1) % recipe.monitor.knn_every == 0 or epoch + 1 == recipe.schedule.epochs):
-            accuracy = knn(_plain(accelerator, model))
-            knn_curve.append({"epoch": epoch + 1, **accuracy})
-            accelerator.log({f"knn/{k}": v for k, v in accuracy.items()}, step=step.updates)
-            metrics.write({"kind": "knn", "epoch": epoch + 1, "step": step.updates, **accuracy})
-            if main:
-                tqdm.write(f"epoch {epoch + 1}: k-NN top-1 " + ", ".join(f"{k} {v:.2f}%" for k, v in accuracy.items()))
+    save = functools.partial(_save, recipe, accelerator, model, optimizer)
+    every_steps = recipe.run.checkpoint_every_steps
+    with deferred_stops():  # a stop signal ends the run at a step boundary, with a checkpoint of that step
+        for epoch in range(start_epoch, recipe.schedule.epochs):
+            model.train()
+            first = start_step if epoch == start_epoch else 0
+            loader.set_epoch(epoch, skip_batches=first)
+            if epoch == start_epoch and rng is not None:
+                checkpoint.set_rng_state(rng[accelerator.process_index % len(rng)])
+            speed.resume()
+            with tqdm(total=micro_steps, initial=first, desc=f"epoch {epoch + 1}/{recipe.schedule.epochs}",
+                      disable=not main, dynamic_ncols=True, leave=True) as bar:  # closed on any exception
+                for index, (views, labels) in enumerate(loader, start=first):
+                    if index == micro_steps:
+                        break
+                    logged = (index + 1) % recipe.train.log_every == 0 or index + 1 == micro_steps
+                    loss, logs = step(views, labels, measure=logged)
+                    if step.nonfinite_in_a_row:
+                        _nonfinite(recipe, step, main, f"epoch {epoch + 1} step {index + 1}/{micro_steps}")
+                    speed.update(images_per_step)
+                    bar.update(1)
+                    if logged:
+                        row = _log_row(accelerator, logs, step, speed)
+                        spreads = "/".join(f"{row[k]:.2f}" for k in sorted(row) if k.startswith("spread/"))
+                        bar.set_postfix(loss=f"{row['loss']:.4f}", spread=spreads, lr=f"{step.lr:.3g}",
+                                        img_s=f"{row.get('images_per_second') or 0:.0f}")
+                        accelerator.log(row, step=step.updates)
+                        metrics.write({"kind": "train", "epoch": epoch + 1, "step": step.updates, **row})
+                        watch(row, step.updates)
+                    if index + 1 == micro_steps or not accelerator.sync_gradients:
+                        continue  # the epoch's end is handled below; a stop waits for the accumulation's end
+                    stop = _stop_requested(accelerator)
+                    if stop or (every_steps and step.updates % every_steps == 0):
+                        save(epoch, step.updates, step_in_epoch=index + 1)
+                    if stop:
+                        raise Stopped(stop, f" at epoch {epoch + 1} step {index + 1}/{micro_steps}: checkpoint "
+                                            f"written ({step.updates} updates); resume with run.resume=auto")
+            speed.stop()
+            stop = _stop_requested(accelerator)
+            if stop or epoch + 1 == recipe.schedule.epochs or (epoch + 1) % recipe.run.checkpoint_every == 0:
+                save(epoch + 1, step.updates)
+            if stop:
+                raise Stopped(stop, f" after epoch {epoch + 1}: checkpoint written ({step.updates} updates); "
+                                    f"resume with run.resume=auto")
+            if knn and ((epoch + 1) % recipe.monitor.knn_every == 0 or epoch + 1 == recipe.schedule.epochs):
+                accuracy = knn(_plain(accelerator, model))
+                knn_curve.append({"epoch": epoch + 1, **accuracy})
+                accelerator.log({f"knn/{k}": v for k, v in accuracy.items()}, step=step.updates)
+                metrics.write({"kind": "knn", "epoch": epoch + 1, "step": step.updates, **accuracy})
+                if main:
+                    tqdm.write(f"epoch {epoch + 1}: k-NN top-1 " + ", ".join(f"{k} {v:.2f}%" for k, v in accuracy.items()))
     accelerator.wait_for_everyone()
     return TrainResult(_plain(accelerator, model), method, recipe.schedule.epochs, step.updates,
-                       speed.images_per_second, memory.peak_bytes(), memory.kind, len(loader.skipped), knn_curve)
+                       speed.images_per_second, memory.peak_bytes(), memory.kind, len(loader.skipped),
+                       step.nonfinite_steps, knn_curve)
+
+
+def _nonfinite(recipe: Recipe, step: TrainStep, main: bool, where: str) -> None:
+    if main:
+        tqdm.write(f"warning: loss is not finite at {where}: update skipped ({step.nonfinite_steps} skipped so far)")
+    if step.nonfinite_in_a_row >= recipe.train.max_nonfinite_steps:
+        raise NonFiniteLossError(f"loss not finite for {step.nonfinite_in_a_row} steps in a row "
+                                 f"(train.max_nonfinite_steps), the last at {where}")
 
 
 def _plain(accelerator: Accelerator, model) -> MultiExitResNet:
@@ -216,26 +259,43 @@ def _log_row(accelerator, logs: dict, step: TrainStep, speed: Throughput) -> dic
     return row
 
 
-def _save(recipe: Recipe, accelerator: Accelerator, model, optimizer, epoch: int, updates: int) -> None:
+def _stop_requested(accelerator: Accelerator) -> int:
+    """The stop signal any process received (0 if none): every process stops at the same step."""
+    local = pending_stop() or 0
+    if accelerator.num_processes == 1:
+        return local
+    return int(accelerator.gather(torch.tensor([local], device=accelerator.device)).max())
+
+
+def _save(recipe: Recipe, accelerator: Accelerator, model, optimizer, epoch: int, updates: int,
+          step_in_epoch: int = 0) -> None:
+    """``epoch`` epochs and ``step_in_epoch`` micro-steps of the next are done; every process's RNG
+    state is kept, so a resumed run continues the same random stream."""
+    rng = gather_object([checkpoint.rng_state()])
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         state = {"model": _plain(accelerator, model).state_dict(), "optimizer": optimizer.state_dict(),
-                 "epoch": epoch, "updates": updates, "method": recipe.method, "arch": recipe.model.arch,
+                 "epoch": epoch, "step_in_epoch": step_in_epoch, "rng": rng,
+                 "updates": updates, "method": recipe.method, "arch": recipe.model.arch,
                  "recipe": recipe.model_dump(mode="json")}
         if accelerator.scaler is not None:
             state["scaler"] = accelerator.scaler.state_dict()
-        checkpoint.atomic_save(state, Path(recipe.run.dir) / checkpoint.CHECKPOINT)
+        checkpoint.save_kept(state, Path(recipe.run.dir), recipe.run.keep_last)
 
 
-def _resume(recipe: Recipe, model, optimizer, accelerator: Accelerator) -> tuple[int, int]:
+def _resume(recipe: Recipe, model, optimizer, accelerator: Accelerator):
+    """(epoch, micro-step in that epoch, updates, per-process RNG states or None) to start from."""
     if recipe.run.resume == "never":
-        return 0, 0
-    path = Path(recipe.run.dir) / checkpoint.CHECKPOINT if recipe.run.resume == "auto" else Path(recipe.run.resume)
-    if not path.is_file():
-        if recipe.run.resume != "auto":
+        return 0, 0, 0, None
+    if recipe.run.resume == "auto":
+        path, state = checkpoint.load_newest_good(Path(recipe.run.dir), "run.resume")
+        if path is None:
+            return 0, 0, 0, None
+    else:
+        path = Path(recipe.run.resume)
+        if not path.is_file():
             raise RecipeError(f"run.resume: no such checkpoint: {path}")
-        return 0, 0
-    state = checkpoint.load(path, "run.resume")
+        state = checkpoint.load(path, "run.resume")
     if (state["method"], state["arch"]) != (recipe.method, recipe.model.arch):
         raise RecipeError(f"run.resume: {path} holds {state['method']}/{state['arch']}, the recipe asks for "
                           f"{recipe.method}/{recipe.model.arch}")
@@ -243,9 +303,11 @@ def _resume(recipe: Recipe, model, optimizer, accelerator: Accelerator) -> tuple
     optimizer.load_state_dict(state["optimizer"])
     if "scaler" in state and accelerator.scaler is not None:
         accelerator.scaler.load_state_dict(state["scaler"])
+    position = (state["epoch"], state.get("step_in_epoch", 0), state["updates"], state.get("rng"))
     if accelerator.is_main_process:
-        log.info("resumed from %s at epoch %d (%d updates)", path, state["epoch"], state["updates"])
-    return state["epoch"], state["updates"]
+        log.info("resumed from %s at epoch %d step %d (%d updates)", path, position[0] + (position[1] > 0),
+                 position[1], position[2])
+    return position
 
 
 def write_results(path: Path, results: dict) -> None:
