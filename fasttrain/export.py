@@ -55,25 +55,21 @@ def load_line(arch: str, stem: str, num_classes: int | None, path: Path) -> str:
 
 
 def export(checkpoint_path: Path, out: Path, exits: bool = False) -> dict:
-    from fasttrain.engine import checkpoint
-    from fasttrain.engine.faults import replacing
-
     import torch
+
+    from fasttrain.engine import checkpoint
 
     state = checkpoint.load(checkpoint_path, "CHECKPOINT")
     recipe = checkpoint.recipe_of(state)
     linear = checkpoint_path.with_name(checkpoint.LINEAR_CLASSIFIERS)
     head = torch.load(linear, map_location="cpu")["backbone"] if linear.is_file() else None
     tensors = torchvision_state_dict(state["model"], head)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with replacing(out) as tmp, open(tmp, "wb") as file:
-        torch.save(tensors, file)
+    checkpoint.atomic_save(tensors, out)
     written = [out]
     if exits and exits_state_dict(state["model"]):
         extra = out.with_name(f"{out.stem}.exits.pt")
-        with replacing(extra) as tmp, open(tmp, "wb") as file:
-            torch.save({"exits": list(recipe.model.exits), "exit_kind": recipe.model.exit_kind,
-                        "state_dict": exits_state_dict(state["model"])}, file)
+        checkpoint.atomic_save({"exits": list(recipe.model.exits), "exit_kind": recipe.model.exit_kind,
+                                "state_dict": exits_state_dict(state["model"])}, extra)
         written.append(extra)
     num_classes = tensors["fc.weight"].shape[0] if "fc.weight" in tensors else None
     return {"written": written, "arch": recipe.model.arch, "num_classes": num_classes,
@@ -86,6 +82,7 @@ def main(argv=None) -> int:
     parser.add_argument("out", metavar="OUT", type=Path, help="the torchvision state dict to write (.pt)")
     parser.add_argument("--exits", action="store_true", help="also write the sub-networks and heads (OUT.exits.pt)")
     args = parser.parse_args(argv)
+    from fasttrain.engine.faults import describe_os_error
     from fasttrain.recipe import RecipeError
 
     if not args.checkpoint.is_file():
@@ -97,7 +94,7 @@ def main(argv=None) -> int:
         print(f"fasttrain.export: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
-        print(f"fasttrain.export: error: {exc.strerror or exc}: {exc.filename}", file=sys.stderr)
+        print(f"fasttrain.export: error: {describe_os_error(exc)}", file=sys.stderr)
         return 1
     fc = f"fc of {summary['num_classes']} classes" if summary["num_classes"] else "no fc"
     print(f"wrote {', '.join(map(str, summary['written']))} ({summary['arch']}, {fc}). "
