@@ -23,5 +23,6 @@ setup(
         "ffcv": ["ffcv==1.0.2", "numba", "opencv-python-headless"],
         "dali": ["nvidia-dali-cuda120"],
         "dev": ["pytest>=8", "scikit-learn"],
+        "wandb": ["wandb"],  # run.trackers: [wandb]
     },
 )

@@ -10,7 +10,7 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.distributed.nn.functional import all_gather as all_gather_with_grad
+from torch.distributed._functional_collectives import all_gather_single_autograd
 
 _MASKED = -1e9  # stands in for -inf on the diagonal: exp() is 0, and nothing downstream turns NaN
 
@@ -28,7 +28,7 @@ def _gather(features: torch.Tensor, labels: Optional[torch.Tensor]):
     world, rank = _world()
     if world == 1:
         return features, labels, 0
-    gathered = torch.cat(all_gather_with_grad(features.contiguous()), dim=0)
+    gathered = all_gather_single_autograd(features.contiguous(), 0, dist.group.WORLD)
     if labels is not None:
         parts = [torch.empty_like(labels) for _ in range(world)]
         dist.all_gather(parts, labels.contiguous())

@@ -99,12 +99,20 @@ class MonitorConfig(_Strict):
     on_collapse: Literal["warn", "stop"] = "warn"
 
 
+TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "trackio", "swanlab")
+
+
 class RunConfig(_Strict):
     dir: Path = Path("runs/default")
     resume: Union[Literal["auto", "never"], Path] = "auto"
     checkpoint_every: int = Field(1, gt=0)  # epochs; the last epoch always checkpoints
     checkpoint_every_steps: Optional[int] = Field(None, gt=0)  # optimizer updates, mid-epoch too
     keep_last: int = Field(1, gt=0)  # > 1: also keep checkpoint-<updates>.pt, the newest N (resume falls back)
+    # signals that stop training at the next step with a checkpoint of it; exit status 128 + signal number
+    stop_signals: list[Literal["SIGTERM", "SIGUSR1", "SIGUSR2", "SIGHUP", "SIGXCPU"]] = ["SIGTERM", "SIGUSR1"]
+    # Accelerate trackers fed the per-step metrics and the k-NN curve; [] for none (wandb: pip extra)
+    trackers: list[Literal[TRACKERS]] = ["tensorboard"]
+    project: str = "fasttrain"  # the trackers' project name (W&B project); the run is named after run.dir
 
 
 class Recipe(_Strict):

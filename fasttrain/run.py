@@ -53,7 +53,21 @@ def _main(argv) -> int:
     start.add_argument("--random-init", action="store_true",
                        help="skip pretraining: evaluate the recipe's encoder at its (seeded) random initialisation, "
                             "the floor every method must beat; writes random_init.json")
+    knn = parser.add_argument_group("k-NN evaluation (with --eval-only or --random-init, instead of the linear one)")
+    knn.add_argument("--knn", action="store_true",
+                     help="weighted k-NN of every exit and their ensemble, the whole train split as the bank")
+    knn.add_argument("--knn-k", type=int, default=20, metavar="K", help="neighbours (default 20)")
+    knn.add_argument("--knn-temperature", type=float, default=0.07, metavar="T", help="vote weight exp(sim/T)")
+    knn.add_argument("--knn-bank", type=int, metavar="N",
+                     help="use a seeded subset of N train images as the bank (default: all; the bank holds "
+                          "N x feature dim floats per exit on the device)")
     args = parser.parse_intermixed_args(argv)
+    if args.knn and not (args.eval_only or args.random_init):
+        parser.error("--knn evaluates an existing encoder: add --eval-only CHECKPOINT or --random-init")
+    for flag, value in (("--knn-k", args.knn_k), ("--knn-temperature", args.knn_temperature),
+                        ("--knn-bank", args.knn_bank or 1)):
+        if value <= 0:
+            parser.error(f"{flag}={value}: must be positive")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     for ours in ("fasttrain", "loaders"):  # our INFO lines; the libraries' only from WARNING up
         logging.getLogger(ours).setLevel(logging.INFO)
@@ -64,7 +78,8 @@ def _main(argv) -> int:
 
     try:
         recipe = load_recipe(args.recipe, args.overrides)
-        results = run(recipe, args.eval_only, random_init=args.random_init)
+        knn_options = dict(k=args.knn_k, temperature=args.knn_temperature, bank=args.knn_bank) if args.knn else None
+        results = run(recipe, args.eval_only, random_init=args.random_init, knn=knn_options)
     except (RecipeError, LoaderError) as exc:
         print(f"fasttrain: error: {exc}", file=sys.stderr)
         return 2
@@ -79,16 +94,21 @@ def _main(argv) -> int:
     return 0
 
 
-def run(recipe: Recipe, eval_only: str | None = None, random_init: bool = False) -> dict | None:
+def run(recipe: Recipe, eval_only: str | None = None, random_init: bool = False,
+        knn: dict | None = None) -> dict | None:
     """Pretrain and evaluate; or evaluate a checkpoint (``eval_only``), or the untrained encoder
-    (``random_init``). What is evaluated is described by what was trained: the checkpoint's recipe."""
+    (``random_init``). What is evaluated is described by what was trained: the checkpoint's recipe.
+    ``knn`` (``{k, temperature, bank}``): with either, a k-NN evaluation on whole splits instead of
+    the linear one; its numbers join those of the linear one in the same JSON file."""
     from fasttrain.engine import checkpoint
+    from fasttrain.engine.faults import stop_on_signals
     from fasttrain.engine.knn import KNNMonitor
     from fasttrain.engine.linear_eval import classifier_eval, linear_eval
     from fasttrain.engine.trainer import build_model, make_accelerator, train, write_results
     from fasttrain.methods import get_method
     from fasttrain.recipe import RecipeError
 
+    stop_on_signals(recipe.run.stop_signals)
     prepare_run_dir(Path(recipe.run.dir))
     accelerator = make_accelerator(recipe)
     started = time.perf_counter()
@@ -111,14 +131,15 @@ def run(recipe: Recipe, eval_only: str | None = None, random_init: bool = False)
         trained = train(recipe, accelerator)
         trained_recipe, model, method = recipe, trained.model, trained.method
     model.to(accelerator.device)
-    if trained is not None:
-        knn = trained.knn
-    else:
-        knn = [{"epoch": state["epoch"], **KNNMonitor(recipe, accelerator)(model)}] if recipe.monitor.knn_every else []
-    if method.contrastive or random_init:
+    knn_curve, knn_eval, evaluation = trained.knn if trained else [], None, None
+    if knn is not None:
+        knn_eval = KNNMonitor(recipe, accelerator, knn["bank"], None, knn["k"], knn["temperature"]).evaluate(model)
+    elif method.contrastive or random_init:
         evaluation = linear_eval(recipe, accelerator, model) if recipe.linear_eval.enabled else None
     else:
         evaluation = classifier_eval(recipe, accelerator, model)
+    if trained is None and knn is None and recipe.monitor.knn_every:
+        knn_curve = [{"epoch": state["epoch"], **KNNMonitor.online(recipe, accelerator)(model)}]
     results = {
         "method": method.name, "arch": trained_recipe.model.arch, "loader": recipe.loader,
         "random_init": random_init,
@@ -132,16 +153,36 @@ def run(recipe: Recipe, eval_only: str | None = None, random_init: bool = False)
         "skipped_images": trained.skipped_images if trained else 0,
         "nonfinite_steps": trained.nonfinite_steps if trained else 0,
         "wall_seconds": time.perf_counter() - started,
+        "checkpoint": str(Path(eval_only).resolve()) if eval_only else None,
         "linear_eval": evaluation,
-        "knn": knn,
+        "knn": knn_curve,
+        "knn_eval": knn_eval,
     }
     accelerator.end_training()
     if not accelerator.is_main_process:
         return None
     # an evaluation of an existing checkpoint must not overwrite the results of its pretraining
     name = "linear_eval.json" if eval_only else "random_init.json" if random_init else "results.json"
+    if trained is None:
+        results = _joined(Path(recipe.run.dir) / name, results)
     write_results(Path(recipe.run.dir) / name, results)
     return results
+
+
+def _joined(path: Path, results: dict) -> dict:
+    """An evaluation of the same encoder (checkpoint and steps) as the one already in ``path`` keeps
+    the other kind of evaluation found there: ``--knn`` then a linear evaluation give one file."""
+    import json
+
+    try:
+        before = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return results
+    same = all(before.get(key) == results[key] for key in ("checkpoint", "steps", "method", "arch", "random_init"))
+    if not same:
+        return results
+    kept = {key: before.get(key) for key in ("linear_eval", "knn_eval", "knn") if not results[key]}
+    return {**results, **{key: value for key, value in kept.items() if value}}
 
 
 def prepare_run_dir(run_dir: Path) -> None:
@@ -181,6 +222,13 @@ def format_table(results: dict) -> str:
             if evaluation.get(name):
                 lines.append(f"| {name:<11} | {evaluation[name]['top1']:9.2f} | {evaluation[name]['top5']:9.2f} |")
         lines.append(f"\n{evaluation['samples']} validation images")
+    knn_eval = results.get("knn_eval")
+    if knn_eval:
+        lines += ["", f"k-NN (k={knn_eval['k']}, T={knn_eval['temperature']}, bank of {knn_eval['bank_images']} "
+                      f"train images, {knn_eval['samples']} validation images)",
+                  "| exit        | top-1 (%) | top-5 (%) |", "|-------------|-----------|-----------|"]
+        lines += [f"| {name:<11} | {knn_eval[name]['top1']:9.2f} | {knn_eval[name]['top5']:9.2f} |"
+                  for name in knn_eval["exits"]]
     if results.get("knn"):
         last = results["knn"][-1]
         lines.append("k-NN top-1 (%): " + ", ".join(f"{k} {v:.2f}" for k, v in last.items() if k != "epoch"))

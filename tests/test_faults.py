@@ -327,3 +327,52 @@ def test_step_checkpoints_keep_the_newest_and_a_broken_latest_falls_back(tmp_pat
     warning = [r.getMessage() for r in caplog.records if "resuming from" in r.getMessage()]
     assert len(warning) == 1 and "not a readable checkpoint" in warning[0]
     assert warning[0].endswith(f"resuming from {run_dir / 'checkpoint-00000004.pt'}, the newest readable one")
+
+
+def test_the_stop_signals_are_the_recipes(monkeypatch):
+    from fasttrain.engine import faults
+
+    monkeypatch.setattr(faults, "_launched_by_a_launcher", lambda: False)
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)}
+    try:
+        faults.stop_on_signals(["SIGTERM", "SIGUSR1"])
+        faults.stop_on_signals(["SIGUSR2"])  # run.stop_signals=[SIGUSR2]
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+        assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL
+        with pytest.raises(Stopped) as stop:
+            os.kill(os.getpid(), signal.SIGUSR2)
+            time.sleep(1)
+        assert stop.value.name == "SIGUSR2" and stop.value.exit_code == 140
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
+        faults._handled.clear()
+
+
+@pytest.mark.slow
+def test_the_slurm_script_requeues_a_run_stopped_for_preemption(tmp_path, data):
+    """scripts/slurm_train.sh under stand-ins for srun (one task, SLURM's variables) and scontrol
+    (records what it is asked): SIGUSR1 before the time limit stops the trainer with a checkpoint,
+    and the script requeues the job."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text('#!/bin/bash\nshift  # --kill-on-bad-exit\n'
+                                  'SLURM_PROCID=0 SLURM_LOCALID=0 SLURM_NTASKS=1 SLURM_NTASKS_PER_NODE=1 "$@"\n')
+    (bin_dir / "scontrol").write_text(f'#!/bin/bash\necho "$@" >> {tmp_path}/scontrol.log\n'
+                                      '[ "$1" = show ] && echo 127.0.0.1\nexit 0\n')
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    recipe = long_run(tmp_path, data)
+    env = {**ENV, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "42", "SLURM_JOB_NODELIST": "node1",
+           "SLURM_SUBMIT_DIR": str(REPO), "SLURM_CPUS_PER_TASK": "1"}
+    job = subprocess.Popen(["bash", "scripts/slurm_train.sh", str(recipe)], cwd=REPO, env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_steps(tmp_path / "run", job)
+    (trainer,) = [pid for pid in trainers_of(recipe) if b"fasttrain/run.py" in Path(f"/proc/{pid}/cmdline").read_bytes()
+                  and b"bash" not in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    os.kill(trainer, signal.SIGUSR1)  # SLURM's --signal=USR1@300 reaches the job step's tasks
+    out, err = job.communicate(timeout=120)
+    assert job.returncode == 138, err[-2000:]
+    assert "stopped by SIGUSR1" in err and "requeued" in out
+    assert (tmp_path / "scontrol.log").read_text().splitlines() == ["show hostnames node1", "requeue 42"]
+    assert checkpoint.load(tmp_path / "run" / "checkpoint.pt", "test")["updates"] >= 1

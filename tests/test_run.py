@@ -1,4 +1,5 @@
 """The main job end to end: recipes, accelerate launch, processes, resume, bad input."""
+import importlib.util
 import json
 import os
 import signal
@@ -134,6 +135,12 @@ def test_resume_auto_continues_the_interrupted_run(tmp_path, data):
     for row in reference:  # the same lr at the same step: the schedule continued, no epoch lost
         assert resumed[row["step"]]["lr"] == pytest.approx(row["lr"])
     assert sorted(resumed) == list(range(1, 13))
+    # stopped right after the last epoch's checkpoint, before its k-NN: the resumed run scores that epoch
+    kept = [l for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"epoch": 4' not in l
+            or '"kind": "knn"' not in l]
+    (tmp_path / "run" / "metrics.jsonl").write_text("\n".join(kept) + "\n")
+    launch("fasttrain/run.py", recipe, accelerate=False)
+    assert [r["epoch"] for r in read_results(tmp_path)["knn"]] == [1, 2, 3, 4]
 
 
 @pytest.mark.parametrize("override,names", [
@@ -238,6 +245,38 @@ def test_eval_only_evaluates_a_checkpoint_without_touching_its_results(tmp_path,
     evaluation = json.loads((tmp_path / "run" / "linear_eval.json").read_text())["linear_eval"]
     assert evaluation["samples"] == 9 and evaluation["subnetwork"] is not None
     assert "ensemble" in proc.stdout
+    # the offline k-NN of the same checkpoint joins the linear evaluation's file
+    proc = launch("fasttrain/run.py", recipe, "--eval-only", tmp_path / "run" / "checkpoint.pt", "--knn",
+                  "--knn-k", "5", accelerate=False)
+    both = json.loads((tmp_path / "run" / "linear_eval.json").read_text())
+    assert both["linear_eval"] == evaluation
+    knn = both["knn_eval"]
+    assert (knn["k"], knn["temperature"], knn["bank_images"], knn["samples"]) == (5, 0.07, 24, 9)
+    assert knn["exits"] == ["sub0", "backbone", "ensemble"] and "k-NN (k=5" in proc.stdout
+    assert all(0 <= knn[n]["top1"] <= knn[n]["top5"] <= 100 for n in knn["exits"])
+
+
+def test_knn_evaluates_an_existing_encoder_only(tmp_path, data):
+    proc = launch("fasttrain/run.py", write_recipe(tmp_path, data), "--knn", accelerate=False, check=False)
+    assert proc.returncode == 2 and "--knn evaluates an existing encoder" in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_trackers_receive_the_metrics_and_a_missing_tracker_is_one_line(tmp_path, data):
+    pytest.importorskip("wandb", reason="the wandb extra of scripts/bootstrap.sh")
+    recipe = write_recipe(tmp_path, data, train={"precision": "fp32"}, linear_eval={"enabled": False},
+                          run={"trackers": ["tensorboard", "wandb"]})
+    subprocess.run([PYTHON, "fasttrain/run.py", str(recipe)], cwd=REPO, check=True, capture_output=True,
+                   env={**ENV, "WANDB_MODE": "offline"}, timeout=600)
+    (record,) = (tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb")
+    for logged in (b"loss/backbone", b"knn/backbone", b"optim.lr"):  # a step metric, the k-NN curve, the recipe
+        assert logged in record.read_bytes(), logged
+    assert list((tmp_path / "run" / "fasttrain").glob("events.out.tfevents.*"))
+    missing = next(t for t in ("mlflow", "aim", "clearml", "dvclive", "swanlab") if importlib.util.find_spec(t) is None)
+    proc = launch("fasttrain/run.py", recipe, f"run.trackers=[{missing}]", accelerate=False, check=False)
+    assert proc.returncode == 2 and proc.stderr.strip() == (f"fasttrain: error: run.trackers: {missing} is not "
+                                                            f"installed here (.venv/bin/pip install {missing})")
 
 
 @pytest.mark.slow

@@ -38,16 +38,19 @@ class Stopped(BaseException):
         return 128 + self.signum
 
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # schedulers' preemption notices (SLURM: --signal=USR1@T)
+STOP_SIGNALS = ("SIGTERM", "SIGUSR1")  # schedulers' preemption notices (SLURM: --signal=USR1@T)
 _deferred = False
 _pending: Optional[int] = None
+_handled: set[int] = set()
 
 
-def stop_on_signals(signums=STOP_SIGNALS) -> None:
-    """Turn ``signums`` into :class:`Stopped` in this (main) process, or, inside :func:`deferred_stops`,
-    into a request the trainer honours at the next step boundary; forked helpers (loader workers,
-    converter workers) exit quietly instead, leaving the report to the main process."""
+def stop_on_signals(names=STOP_SIGNALS) -> None:
+    """Turn the signals ``names`` into :class:`Stopped` in this (main) process, or, inside
+    :func:`deferred_stops`, into a request the trainer honours at the next step boundary; forked helpers
+    (loader workers, converter workers) exit quietly instead, leaving the report to the main process.
+    Called again (with the recipe's ``run.stop_signals``), signals no longer named get their default action."""
     main_pid = os.getpid()
+    signums = {signal.Signals[name].value for name in names}
 
     def handler(signum, frame):
         global _pending
@@ -58,8 +61,12 @@ def stop_on_signals(signums=STOP_SIGNALS) -> None:
             return
         raise Stopped(signum)
 
+    for signum in _handled - signums:
+        signal.signal(signum, signal.SIG_DFL)
     for signum in signums:
         signal.signal(signum, handler)
+    _handled.clear()
+    _handled.update(signums)
     if _launched_by_a_launcher():
         _die_with_parent()
 

@@ -1,19 +1,22 @@
-"""Online k-NN accuracy of every exit and of their ensemble: is the encoder learning, epoch by epoch?
+"""k-NN accuracy of every exit and of their ensemble: online (is the encoder learning, epoch by
+epoch?) and offline (``run.py --eval-only CHECKPOINT --knn``: whole splits, top-1 and top-5).
 
-The model in eval mode encodes a feature bank (a seeded subset of the train split, center crops,
-the same images every time, gathered across processes) and a seeded subset of the validation
-split; each validation image is classified by a weighted vote of its k nearest bank features
+The model in eval mode encodes a feature bank (train split, center crops; online a seeded subset,
+the same images every time; gathered across processes) and the validation split (online a seeded
+subset); each validation image is classified by a weighted vote of its k nearest bank features
 (solo-learn's and InstDisc's rule: cosine similarity, weights exp(sim / T), k = 20, T = 0.07).
 The ensemble adds the exits' normalised votes. A torch top-k over a dense similarity chunk is
 all this needs at bank sizes that cost a small fraction of an epoch, so no index library is used.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 
-from fasttrain.engine.linear_eval import encode_split, eval_loader
+from fasttrain.engine.linear_eval import encode_split, eval_loader, topk_correct
 from fasttrain.models import MultiExitResNet, exit_names
 from fasttrain.recipe import Recipe
 
@@ -45,16 +48,29 @@ def _gather_rows(accelerator: Accelerator, x: torch.Tensor) -> torch.Tensor:
 
 
 class KNNMonitor:
-    """``monitor(model) -> {exit: top-1 %, ..., "ensemble": top-1 %}``. Its loaders are built here,
-    so that a missing or unusable split stops a run before its first step, not after an epoch."""
+    """``monitor(model) -> {exit: top-1 %, ..., "ensemble": top-1 %}`` on seeded subsets (the online
+    curve); ``monitor.evaluate(model)`` adds top-5 and counts (the offline ``--knn`` evaluation, which
+    uses whole splits). Its loaders are built here, so that a missing or unusable split stops a run
+    before its first step, not after an epoch."""
 
-    def __init__(self, recipe: Recipe, accelerator: Accelerator):
-        self.accelerator, self.cfg = accelerator, recipe.monitor
-        self.loaders = (eval_loader(recipe, accelerator, "train", "center", self.cfg.knn_bank),
-                        eval_loader(recipe, accelerator, "val", "center", self.cfg.knn_val))
+    def __init__(self, recipe: Recipe, accelerator: Accelerator, bank: Optional[int], val: Optional[int], k: int,
+                 temperature: float):
+        """``bank``/``val``: images of the train/val split used (None: all)."""
+        self.accelerator, self.k, self.temperature = accelerator, k, temperature
+        self.loaders = (eval_loader(recipe, accelerator, "train", "center", bank),
+                        eval_loader(recipe, accelerator, "val", "center", val))
+
+    @classmethod
+    def online(cls, recipe: Recipe, accelerator: Accelerator) -> "KNNMonitor":
+        cfg = recipe.monitor
+        return cls(recipe, accelerator, cfg.knn_bank, cfg.knn_val, cfg.knn_k, cfg.knn_temperature)
+
+    def __call__(self, model: MultiExitResNet) -> dict:
+        result = self.evaluate(model)
+        return {name: result[name]["top1"] for name in result["exits"]}
 
     @torch.no_grad()
-    def __call__(self, model: MultiExitResNet) -> dict:
+    def evaluate(self, model: MultiExitResNet) -> dict:
         bank_loader, val_loader = self.loaders
         was_training = model.training
         model.eval()
@@ -65,13 +81,15 @@ class KNNMonitor:
         model.train(was_training)
 
         classes = max(bank_loader.num_classes, val_loader.num_classes)
-        votes = [knn_votes(q, b, bank_labels, classes, self.cfg.knn_k, self.cfg.knn_temperature)
-                 for q, b in zip(query, bank)]
+        votes = [knn_votes(q, b, bank_labels, classes, self.k, self.temperature) for q, b in zip(query, bank)]
         names = exit_names(len(votes))
         if len(votes) > 1:
             votes.append(torch.stack(votes).sum(0))
             names.append("ensemble")
-        correct = torch.stack([(v.argmax(1) == labels).sum() for v in votes]).float()
+        correct = torch.stack([topk_correct(v, labels) for v in votes])
         correct = self.accelerator.reduce(correct, reduction="sum")
         seen = self.accelerator.reduce(torch.tensor(float(labels.numel()), device=correct.device), reduction="sum")
-        return {name: 100 * c / max(1.0, seen.item()) for name, c in zip(names, correct.tolist())}
+        accuracy = (100 * correct / seen.clamp(min=1)).tolist()
+        return {"k": self.k, "temperature": self.temperature, "bank_images": int(bank_labels.numel()),
+                "samples": int(seen), "exits": names,
+                **{name: {"top1": a[0], "top5": a[1]} for name, a in zip(names, accuracy)}}

@@ -51,7 +51,7 @@ def encode(encoder: MultiExitResNet, accelerator: Accelerator, image: torch.Tens
         return [f.float() for f in encoder(image, project=False).features]
 
 
-def _topk_correct(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def topk_correct(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     top = logits.topk(min(5, logits.shape[1]), dim=1).indices
     hit = top == labels[:, None]
     return torch.stack([hit[:, 0].sum(), hit.any(dim=1).sum()]).float()
@@ -66,7 +66,7 @@ def evaluate(logit_fn, loader, accelerator: Accelerator, names: list[str]) -> di
     seen = torch.zeros((), device=accelerator.device)
     for views, labels in loader:
         for i, logits in enumerate(logit_fn(views[0])):
-            correct[i] += _topk_correct(logits, labels)
+            correct[i] += topk_correct(logits, labels)
         seen += labels.numel()
     skipped = torch.tensor(float(len(loader.skipped)), device=accelerator.device)
     correct, seen = accelerator.reduce(correct, reduction="sum"), accelerator.reduce(seen, reduction="sum")

@@ -3,12 +3,13 @@ checkpoints and logging. Every method, loader and benchmark goes through this on
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from accelerate import Accelerator
@@ -31,7 +32,12 @@ log = logging.getLogger("fasttrain")
 PRECISION = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}
 
 
-def make_accelerator(recipe: Recipe, *, log_with=("tensorboard",)) -> Accelerator:
+def make_accelerator(recipe: Recipe, *, log_with: Optional[Sequence[str]] = None) -> Accelerator:
+    """``log_with``: the trackers (default ``run.trackers``; benchmarks and tests pass none)."""
+    log_with = recipe.run.trackers if log_with is None else log_with
+    for tracker in log_with:
+        if importlib.util.find_spec(tracker) is None:
+            raise RecipeError(f"run.trackers: {tracker} is not installed here (.venv/bin/pip install {tracker})")
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path.home() / ".cache" / "fasttrain" / "inductor"))
     if recipe.train.precision == "fp16" and not torch.cuda.is_available():
         raise RecipeError("train.precision=fp16: needs a GPU (use bf16 or fp32 on CPU)")
@@ -50,7 +56,8 @@ def make_accelerator(recipe: Recipe, *, log_with=("tensorboard",)) -> Accelerato
         raise RecipeError(
             f"WORLD_SIZE={expected} but this process is alone in its group (num_processes="
             f"{accelerator.num_processes}): the launch did not form one process group. On a machine "
-            f"without GPUs use `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N`")
+            f"without GPUs set ACCELERATE_USE_CPU=1 (with `accelerate launch --multi_gpu --num_processes N`, "
+            f"torchrun or srun)")
     return accelerator
 
 
@@ -170,7 +177,7 @@ def train(recipe: Recipe, accelerator: Accelerator) -> TrainResult:
                      final_lr_ratio=recipe.schedule.final_lr_ratio, updates=updates,
                      clip_grad_norm=recipe.optim.clip_grad_norm)
 
-    accelerator.init_trackers("fasttrain")
+    _start_trackers(recipe, accelerator)
     metrics = MetricsFile(run_dir, main, resume_step=updates if updates else None)
     speed, memory = Throughput(accelerator.device), PeakMemory(accelerator.device)
     memory.reset()
@@ -178,11 +185,26 @@ def train(recipe: Recipe, accelerator: Accelerator) -> TrainResult:
     watch = CollapseWatch(recipe.monitor.collapse_threshold, recipe.monitor.collapse_patience,
                           stop=recipe.monitor.on_collapse == "stop",
                           loss_at_collapse=loss_fn.loss_at_collapse(images_per_step, num_exits))
-    knn = KNNMonitor(recipe, accelerator) if recipe.monitor.knn_every else None
+    knn = KNNMonitor.online(recipe, accelerator) if recipe.monitor.knn_every else None
     knn_curve = [{k: v for k, v in r.items() if k not in ("kind", "step")} for r in metrics.read() if r["kind"] == "knn"]
     save = functools.partial(_save, recipe, accelerator, model, optimizer)
     every_steps = recipe.run.checkpoint_every_steps
+
+    def knn_due(epochs_done: int) -> bool:
+        return bool(knn) and (epochs_done % recipe.monitor.knn_every == 0 or epochs_done == recipe.schedule.epochs)
+
+    def knn_after(epochs_done: int) -> None:
+        accuracy = knn(_plain(accelerator, model))
+        knn_curve.append({"epoch": epochs_done, **accuracy})
+        accelerator.log({f"knn/{k}": v for k, v in accuracy.items()}, step=step.updates)
+        metrics.write({"kind": "knn", "epoch": epochs_done, "step": step.updates, **accuracy})
+        if main:
+            tqdm.write(f"epoch {epochs_done}: k-NN top-1 " + ", ".join(f"{k} {v:.2f}%" for k, v in accuracy.items()))
+
     with deferred_stops():  # a stop signal ends the run at a step boundary, with a checkpoint of that step
+        # a run stopped right after an epoch's checkpoint has not scored that epoch yet
+        if start_epoch and not start_step and knn_due(start_epoch) and start_epoch not in {r["epoch"] for r in knn_curve}:
+            knn_after(start_epoch)
         for epoch in range(start_epoch, recipe.schedule.epochs):
             model.train()
             first = start_step if epoch == start_epoch else 0
@@ -224,17 +246,31 @@ def train(recipe: Recipe, accelerator: Accelerator) -> TrainResult:
             if stop:
                 raise Stopped(stop, f" after epoch {epoch + 1}: checkpoint written ({step.updates} updates); "
                                     f"resume with run.resume=auto")
-            if knn and ((epoch + 1) % recipe.monitor.knn_every == 0 or epoch + 1 == recipe.schedule.epochs):
-                accuracy = knn(_plain(accelerator, model))
-                knn_curve.append({"epoch": epoch + 1, **accuracy})
-                accelerator.log({f"knn/{k}": v for k, v in accuracy.items()}, step=step.updates)
-                metrics.write({"kind": "knn", "epoch": epoch + 1, "step": step.updates, **accuracy})
-                if main:
-                    tqdm.write(f"epoch {epoch + 1}: k-NN top-1 " + ", ".join(f"{k} {v:.2f}%" for k, v in accuracy.items()))
+            if knn_due(epoch + 1):
+                knn_after(epoch + 1)
     accelerator.wait_for_everyone()
     return TrainResult(_plain(accelerator, model), method, recipe.schedule.epochs, step.updates,
                        speed.images_per_second, memory.peak_bytes(), memory.kind, len(loader.skipped),
                        step.nonfinite_steps, knn_curve)
+
+
+def _start_trackers(recipe: Recipe, accelerator: Accelerator) -> None:
+    """The recipe as flat hyper-parameters (``optim.lr``: 0.5); a W&B run named after run.dir and
+    resumed with it, so a requeued job continues its curves."""
+    def flat(tree: dict, prefix: str = "") -> dict:
+        out = {}
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                out.update(flat(value, f"{prefix}{key}."))
+            else:
+                out[prefix + key] = value if isinstance(value, (bool, int, float, str)) else str(value)
+        return out
+
+    run_name = Path(recipe.run.dir).resolve().name
+    wandb_id = "".join(c if c.isalnum() or c in "-_" else "-" for c in str(Path(recipe.run.dir).resolve()))[-64:]
+    accelerator.init_trackers(recipe.run.project, config=flat(recipe.model_dump(mode="json")),
+                              init_kwargs={"wandb": {"name": run_name, "id": wandb_id, "resume": "allow",
+                                                     "dir": str(recipe.run.dir)}})
 
 
 def _nonfinite(recipe: Recipe, step: TrainStep, main: bool, where: str) -> None:
