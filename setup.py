@@ -21,7 +21,7 @@ setup(
     ],
     extras_require={
         "ffcv": ["ffcv==1.0.2", "numba", "opencv-python-headless"],
-        "dali": ["nvidia-dali-cuda120"],
+        "dali": ["nvidia-dali-cuda130"],  # the CUDA 13 build, as torch 2.14.1's (CUDA-12 DALI needs CUDA-12 NPP/cuFFT)
         "dev": ["pytest>=8", "scikit-learn"],
         "wandb": ["wandb"],  # run.trackers: [wandb]
     },

@@ -26,8 +26,11 @@ if __package__ in (None, ""):
 from benchmarks.common import (bar_chart, markdown_table, recipe_for, run_worker, summarize,  # noqa: E402
                                write_json, write_report)
 
-METHODS = ("ce", "supcon", "selfcon_m", "supcon_s", "selfcon")
-LABELS = {"ce": "CE", "supcon": "SupCon", "selfcon_m": "SelfCon-M", "supcon_s": "SupCon-S", "selfcon": "SelfCon"}
+METHODS = ("ce", "supcon", "selfcon_m", "supcon_s", "selfcon", "dsn", "cds")
+LABELS = {"ce": "CE", "supcon": "SupCon", "selfcon_m": "SelfCon-M", "supcon_s": "SupCon-S", "selfcon": "SelfCon",
+          "dsn": "DSN", "cds": "CDS"}
+# the deep-supervision methods run with their recipes' exits (recipes/r*_cds.yaml), whatever --exit-kind
+DEEP_SUPERVISION_MODEL = {"exits": ["layer1", "layer2", "layer3"], "exit_kind": "sepconv", "head": "none"}
 # Paper Table 2, ImageNet: (memory ratio, time ratio) to SelfCon; CE has none.
 PAPER = {
     "resnet18": {"supcon": (1.5, 2.2), "selfcon_m": (1.7, 2.3), "supcon_s": (0.9, 1.0), "selfcon": (1.0, 1.0)},
@@ -50,7 +53,8 @@ def parse_args(argv=None):
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--exit-kind", default="fc", help="sub-network kind (fc, small, same)")
+    p.add_argument("--exit-kind", default="fc", help="SelfCon's sub-network kind (fc, small, same); dsn and cds "
+                   "use their recipes' separable-conv exits after layer1-3")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (torch.set_num_threads); "
                    "default: torch's own choice. On a shared CPU, 1 avoids OpenMP barrier stalls")
     p.add_argument("--rounds", type=int, default=1, help="run the method list this many times, interleaved "
@@ -89,7 +93,8 @@ def measure(args, method_name: str) -> dict:
     with tempfile.TemporaryDirectory(prefix="step-cost-") as run_dir:
         recipe = recipe_for({
             "method": method_name, "loader": "synthetic",
-            "model": {"arch": args.arch, "exits": ["layer2"], "exit_kind": args.exit_kind},
+            "model": {"arch": args.arch, "exits": ["layer2"], "exit_kind": args.exit_kind,
+                      **(DEEP_SUPERVISION_MODEL if method_name in ("dsn", "cds") else {})},
             "data": {"image_size": args.image_size, "num_classes": NUM_CLASSES},
             "train": {"batch_size": args.batch_size, "precision": args.precision,
                       "channels_last": args.channels_last, "compile": args.compile},
@@ -160,7 +165,8 @@ def measure(args, method_name: str) -> dict:
         "peak_memory_bytes": peak, "memory_kind": memory.kind, "device": str(device),
         "arch": args.arch, "batch_size": args.batch_size, "precision": args.precision,
         "image_size": args.image_size, "channels_last": args.channels_last, "compile": args.compile,
-        "exit_kind": args.exit_kind, "parameters": params, "warmup_steps": args.warmup,
+        "exits": list(recipe.model.exits) if method.uses_subnetwork else [],
+        "exit_kind": recipe.model.exit_kind if method.uses_subnetwork else None, "parameters": params, "warmup_steps": args.warmup,
         "timed_steps": args.steps, "warmup_loss": loss, "step_times_s": times,
         # CPU only: process CPU time per step (all threads) and the machine's 1-minute load average
         # before and after, to tell a slow method from a busy machine

@@ -8,7 +8,8 @@ linear-evaluation classifier saved beside the checkpoint as ``linear_classifiers
 into a ResNet whose ``fc`` is ``nn.Identity()`` (it then returns the pooled backbone feature).
 A small-image stem (``model.stem: cifar``) needs the same two-line change to torchvision's model
 that the project makes; the command prints what to run. ``--exits`` also writes the sub-networks
-and projection heads (``NAME.exits.pt``), which have no torchvision counterpart.
+and projection heads, and a deep-supervision run's exit classifiers (``NAME.exits.pt``), which have
+no torchvision counterpart.
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ def torchvision_state_dict(model_state: dict, linear_head: dict | None = None) -
 
 
 def exits_state_dict(model_state: dict) -> dict:
-    return {k: v for k, v in model_state.items() if k.startswith(("subnetworks.", "heads."))}
+    return {k: v for k, v in model_state.items() if k.startswith(("subnetworks.", "heads.", "exit_classifiers."))}
 
 
 def load_line(arch: str, stem: str, num_classes: int | None, path: Path) -> str:

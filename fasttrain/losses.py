@@ -5,6 +5,7 @@ One function serves SupCon, SupCon-S, SelfCon and SelfCon-M: what differs is onl
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional, Sequence
 
 import torch
@@ -65,6 +66,13 @@ class _ContrastLogSumExp(torch.autograd.Function):
         return grad_anchors, grad_contrast, None, None
 
 
+@functools.lru_cache(maxsize=64)
+def _index(values: tuple, device: torch.device) -> torch.Tensor:
+    """An index tensor built once per device, not every step (on a GPU a tensor made from Python
+    values is a synchronising copy from pageable memory)."""
+    return torch.tensor(values, device=device)
+
+
 def _masked_logits(anchors, contrast, own_column, temperature):
     logits = (anchors @ contrast.T).div_(temperature)
     logits[torch.arange(logits.shape[0], device=logits.device), own_column] = _MASKED
@@ -100,7 +108,7 @@ def supcon_terms(features: torch.Tensor, labels: Optional[torch.Tensor] = None, 
         flat = contrast.reshape(-1, dim)  # row b*V + v of the global batch
         anchors = own[:, anchor_views].reshape(-1, dim)  # row b*A + a of this process
         rows = torch.arange(batch, device=device).repeat_interleave(anchors_per_row)
-        own_column = (offset + rows) * views + torch.tensor(anchor_views, device=device).repeat(batch)
+        own_column = (offset + rows) * views + _index(tuple(anchor_views), device).repeat(batch)
         log_norm = _ContrastLogSumExp.apply(anchors, flat, own_column, temperature)  # [B*A] of a [B*A, B_global*V] row
 
         label_ids, label_index = torch.unique(all_labels.to(device), return_inverse=True)

@@ -1,38 +1,116 @@
-"""Methods: a name maps to (views per image, exits used, loss). This module is also the batch
-builder, the only place that knows single-view from two-view:
+"""Methods: a name maps to a declaration (views per image, exits, heads, the loss, the evaluation).
+This module is also the batch builder, the only place that knows single-view from two-view:
 
     single view -> one [B] forward;   two views -> both views concatenated into one [2B] forward.
 
 Nothing else differs between methods, so a benchmark that swaps the method measures only what
-the method really needs.
+the method really needs. A method's loss is a function of the encoder's output; the trainer never
+branches on the method.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Literal, Optional, Sequence
 
 import torch
 
-from fasttrain.losses import cross_entropy, masked_mean, supcon_terms
-from fasttrain.models import exit_names
+from fasttrain.losses import cross_entropy, masked_mean, supcon_loss, supcon_terms
+from fasttrain.models import EncoderOutput, exit_names
 from fasttrain.monitors import collapse_value, spread
+
+LossFn = Callable[["Objective", EncoderOutput, torch.Tensor, int], "tuple[torch.Tensor, dict]"]
 
 
 @dataclass(frozen=True)
 class Method:
     name: str
     num_views: int
-    uses_subnetwork: bool
-    contrastive: bool
+    uses_subnetwork: bool  # exits at recipe model.exits
+    loss: LossFn  # (objective, encoder output, labels, views) -> (loss, logs)
+    contrastive: bool  # a contrastive term: every feature of the global batch in one loss (no accumulation)
+    classifiers: Literal["none", "backbone", "every_exit"]  # trained jointly with the encoder
+    evaluation: Literal["linear", "classifier"]  # linear: frozen encoder; classifier: the trained ones (1-stage)
     summary: str
+    options: tuple[str, ...] = ()  # the loss settings beyond temperatures it reads (loss.alpha, loss.aux_weight)
+    aux_weight: Optional[float] = None  # default of loss.aux_weight
+    labels: bool = True  # False: labels never reach the contrastive terms (self-supervised)
+    views: Optional[tuple[str, ...]] = None  # each view's augmentation; None: data.augment for every view
 
 
+def _ce(obj: "Objective", out: EncoderOutput, labels, num_views: int):
+    loss = cross_entropy(out.logits, labels, obj.label_smoothing)
+    top1 = (out.logits.detach().argmax(1) == labels).float().mean()
+    return loss, {"loss/ce": loss.detach(), "train_top1": top1, "spread/backbone": spread(out.logits)}
+
+
+def _supcon_family(obj: "Objective", out: EncoderOutput, labels, num_views: int):
+    """SupCon, SupCon-S, SelfCon, SelfCon-M: one supcon_loss over every (view, exit) column;
+    with loss.alpha, paper Eq. 7."""
+    num_exits = len(out.projections)
+    features = stack_exits(out.projections, num_views)
+    columns = range(features.shape[1])
+    backbone = [c for c in columns if c % num_exits == num_exits - 1]
+    subnet = [c for c in columns if c % num_exits != num_exits - 1]
+    terms = dict(temperature=obj.temperature, base_temperature=obj.base_temperature)
+    if obj.alpha is None:
+        per_anchor, valid = supcon_terms(features, labels, **terms)
+        loss = masked_mean(per_anchor, valid)
+        logs = {f"loss/{name}": masked_mean(per_anchor[:, e::num_exits].detach(), valid[:, e::num_exits])
+                for e, name in enumerate(exit_names(num_exits))}
+    else:  # L = 1/(1+a) L_sup(backbone) + a/(1+a) L_self(all exits, sub-network anchors)
+        sup, sup_valid = supcon_terms(features[:, backbone], labels, **terms)
+        sub, sub_valid = supcon_terms(features, labels, anchor_views=subnet, **terms)
+        sup, sub = masked_mean(sup, sup_valid), masked_mean(sub, sub_valid)
+        loss = (sup + obj.alpha * sub) / (1 + obj.alpha)
+        logs = {"loss/backbone": sup.detach(), "loss/subnetworks": sub.detach()}
+    spreads = {f"spread/{n}": spread(z) for n, z in zip(exit_names(num_exits), out.projections)}
+    return loss, {"loss": loss.detach(), **logs, **spreads}
+
+
+def _dsn(obj: "Objective", out: EncoderOutput, labels, num_views: int):
+    """Deeply-supervised nets: CE(backbone classifier) + w * sum of CE(classifier of each exit)."""
+    names = exit_names(len(out.features))
+    per_exit = [cross_entropy(logits, labels, obj.label_smoothing) for logits in (*out.sub_logits, out.logits)]
+    loss = per_exit[-1] + obj.aux_weight * sum(per_exit[:-1])
+    logs = {f"loss/ce/{n}": l.detach() for n, l in zip(names, per_exit)}
+    logs["train_top1"] = (out.logits.detach().argmax(1) == labels).float().mean()
+    return loss, {"loss": loss.detach(), **logs,
+                  **{f"spread/{n}": spread(l) for n, l in zip(names, (*out.sub_logits, out.logits))}}
+
+
+def _cds(obj: "Objective", out: EncoderOutput, labels, num_views: int):
+    """Contrastive deep supervision: CE(backbone classifier on view 1) + lambda * sum over exits of
+    SupCon (SimCLR without labels) between the exit's two views. As the official code, the sum
+    includes the backbone's own feature; the paper's equation sums the intermediate stages only."""
+    batch = labels.shape[0]
+    ce = cross_entropy(out.logits[:batch], labels, obj.label_smoothing)
+    names = exit_names(len(out.projections))
+    contrast = [supcon_loss(z.unflatten(0, (num_views, batch)).transpose(0, 1), labels if obj.method.labels else None,
+                            temperature=obj.temperature, base_temperature=obj.base_temperature)
+                for z in out.projections]
+    loss = ce + obj.aux_weight * sum(contrast)
+    logs = {"loss/ce": ce.detach(), **{f"loss/contrast/{n}": c.detach() for n, c in zip(names, contrast)}}
+    logs["train_top1"] = (out.logits.detach()[:batch].argmax(1) == labels).float().mean()
+    return loss, {"loss": loss.detach(), **logs, **{f"spread/{n}": spread(z) for n, z in zip(names, out.projections)}}
+
+
+_SUPCON = dict(loss=_supcon_family, contrastive=True, classifiers="none", evaluation="linear")
+# CDS's views differ (official code): view 1, read by the classifier, is crop + flip; view 2 adds colour
+_CDS = dict(num_views=2, uses_subnetwork=True, loss=_cds, contrastive=True, classifiers="backbone",
+            evaluation="classifier", options=("aux_weight",), aux_weight=0.1, views=("basic", "contrastive"))
 METHODS = {m.name: m for m in (
-    Method("ce", 1, False, False, "cross-entropy on the backbone classifier"),
-    Method("supcon", 2, False, True, "SupCon: 2 augmented views, backbone exit"),
-    Method("supcon_s", 1, False, True, "SupCon-S: 1 view, backbone exit"),
-    Method("selfcon", 1, True, True, "SelfCon: 1 view, every exit"),
-    Method("selfcon_m", 2, True, True, "SelfCon-M: 2 views, every exit"),
+    Method("ce", 1, False, _ce, contrastive=False, classifiers="backbone", evaluation="classifier",
+           summary="cross-entropy on the backbone classifier"),
+    Method("supcon", 2, False, **_SUPCON, summary="SupCon: 2 augmented views, backbone exit"),
+    Method("supcon_s", 1, False, **_SUPCON, summary="SupCon-S: 1 view, backbone exit"),
+    Method("selfcon", 1, True, **_SUPCON, options=("alpha",), summary="SelfCon: 1 view, every exit"),
+    Method("selfcon_m", 2, True, **_SUPCON, options=("alpha",), summary="SelfCon-M: 2 views, every exit"),
+    Method("dsn", 1, True, _dsn, contrastive=False, classifiers="every_exit", evaluation="classifier",
+           options=("aux_weight",), aux_weight=1.0,
+           summary="DSN: 1 view, a cross-entropy classifier on every exit"),
+    Method("cds", **_CDS, summary="CDS: 2 views, CE on the backbone + SupCon between the views at every exit"),
+    Method("cds_ssl", **_CDS, labels=False,
+           summary="CDS, self-supervised terms: CE on the backbone + SimCLR between the views at every exit"),
 )}
 
 
@@ -55,38 +133,38 @@ def stack_exits(projections: Sequence[torch.Tensor], num_views: int) -> torch.Te
 
 @dataclass(frozen=True)
 class Objective:
-    """Given (model, views, labels), the loss of a method and what to log per exit."""
+    """Given (model, views, labels), the loss of a method and what to log per exit. The method
+    checks its own settings here, once (the recipe turns a ValueError into its one-line error)."""
 
     method: Method
     temperature: float = 0.1
     base_temperature: float = 0.07
     label_smoothing: float = 0.0
     alpha: Optional[float] = None  # paper Eq. 7; needs a sub-network
+    aux_weight: Optional[float] = None  # dsn: weight of each exit's CE; cds: lambda of each exit's contrast
 
     def __post_init__(self):
-        if self.alpha is not None and not self.method.uses_subnetwork:
-            raise ValueError(f"loss.alpha={self.alpha}: needs a method with a sub-network "
-                             f"(selfcon, selfcon_m), not {self.method.name}")
-        if self.alpha is not None and self.alpha < 0:
-            raise ValueError(f"loss.alpha={self.alpha} must be >= 0")
+        for option in ("alpha", "aux_weight"):
+            value = getattr(self, option)
+            if value is not None and option not in self.method.options:
+                users = ", ".join(m.name for m in METHODS.values() if option in m.options)
+                raise ValueError(f"loss.{option}={value}: not read by method={self.method.name} (only by {users})")
+            if value is not None and value < 0:
+                raise ValueError(f"loss.{option}={value} must be >= 0")
+        if self.aux_weight is None and self.method.aux_weight is not None:
+            object.__setattr__(self, "aux_weight", self.method.aux_weight)
 
     def __call__(self, model, views: Sequence[torch.Tensor], labels: torch.Tensor):
-        """The loss and what to log: per-exit losses and ``spread/<exit>``, the collapse metric of
+        """The loss and what to log: the loss's terms and ``spread/<exit>``, the collapse metric of
         what the loss reads (projections; for cross-entropy, the logits)."""
         if len(views) != self.method.num_views:
             raise ValueError(f"{self.method.name} needs {self.method.num_views} view(s), got {len(views)}")
         out = model(build_batch(views), project=self.method.contrastive)
-        if not self.method.contrastive:
-            loss = cross_entropy(out.logits, labels, self.label_smoothing)
-            top1 = (out.logits.detach().argmax(1) == labels).float().mean()
-            return loss, {"loss/ce": loss.detach(), "train_top1": top1, "spread/backbone": spread(out.logits)}
-        loss, logs = self._contrastive(stack_exits(out.projections, len(views)), labels, len(out.projections))
-        names = exit_names(len(out.projections))
-        return loss, {**logs, **{f"spread/{n}": spread(z) for n, z in zip(names, out.projections)}}
+        return self.method.loss(self, out, labels, len(views))
 
     def loss_at_collapse(self, global_batch: int, num_exits: int) -> Optional[float]:
-        """The loss when every feature is the same (None for cross-entropy)."""
-        if not self.method.contrastive:
+        """The loss when every feature is the same (None where a cross-entropy term makes it unknown)."""
+        if self.method.loss is not _supcon_family:
             return None
         views = self.method.num_views
         value = collapse_value(global_batch * views * num_exits, self.temperature, self.base_temperature)
@@ -94,24 +172,6 @@ class Objective:
             return value
         backbone = collapse_value(global_batch * views, self.temperature, self.base_temperature)
         return (backbone + self.alpha * value) / (1 + self.alpha)
-
-    def _contrastive(self, features: torch.Tensor, labels: torch.Tensor, num_exits: int):
-        columns = range(features.shape[1])
-        backbone = [c for c in columns if c % num_exits == num_exits - 1]
-        subnet = [c for c in columns if c % num_exits != num_exits - 1]
-        terms = dict(temperature=self.temperature, base_temperature=self.base_temperature)
-        if self.alpha is None:
-            per_anchor, valid = supcon_terms(features, labels, **terms)
-            loss = masked_mean(per_anchor, valid)
-            logs = {f"loss/{name}": masked_mean(per_anchor[:, e::num_exits].detach(), valid[:, e::num_exits])
-                    for e, name in enumerate(exit_names(num_exits))}
-        else:  # L = 1/(1+a) L_sup(backbone) + a/(1+a) L_self(all exits, sub-network anchors)
-            sup, sup_valid = supcon_terms(features[:, backbone], labels, **terms)
-            sub, sub_valid = supcon_terms(features, labels, anchor_views=subnet, **terms)
-            sup, sub = masked_mean(sup, sup_valid), masked_mean(sub, sub_valid)
-            loss = (sup + self.alpha * sub) / (1 + self.alpha)
-            logs = {"loss/backbone": sup.detach(), "loss/subnetworks": sub.detach()}
-        return loss, {"loss": loss.detach(), **logs}
 
 
 __all__ = ["METHODS", "Method", "Objective", "build_batch", "get_method", "stack_exits"]

@@ -45,6 +45,7 @@ class LossConfig(_Strict):
     base_temperature: float = Field(0.07, gt=0)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     alpha: Optional[float] = Field(None, ge=0)  # paper Eq. 7 interpolation
+    aux_weight: Optional[float] = Field(None, ge=0)  # dsn: each exit's CE weight (1); cds: lambda (0.1)
 
 
 class OptimConfig(_Strict):
@@ -61,7 +62,21 @@ class OptimConfig(_Strict):
 class ScheduleConfig(_Strict):
     epochs: int = Field(100, gt=0)
     warmup_epochs: float = Field(10, ge=0)
+    kind: Literal["cosine", "step"] = "cosine"  # after the warm-up
     final_lr_ratio: float = Field(1e-3, ge=0, le=1)  # cosine ends at lr * final_lr_ratio
+    milestones: list[int] = []  # step: the lr is multiplied by gamma at each of these epochs
+    gamma: float = Field(0.1, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _steps(self):
+        if self.kind == "step" and not self.milestones:
+            raise ValueError("schedule.kind=step needs schedule.milestones (epochs), e.g. [30, 60]")
+        if self.kind == "cosine" and self.milestones:
+            raise ValueError(f"schedule.milestones={self.milestones}: read only with schedule.kind=step")
+        if any(not 0 < m < self.epochs for m in self.milestones) or list(self.milestones) != sorted(self.milestones):
+            raise ValueError(f"schedule.milestones={self.milestones}: increasing epochs within (0, "
+                             f"{self.epochs})")
+        return self
 
 
 class TrainConfig(_Strict):
@@ -70,6 +85,7 @@ class TrainConfig(_Strict):
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
     channels_last: bool = True
     compile: bool = False
+    cudnn_benchmark: bool = True  # CUDA: let cuDNN pick the fastest kernels for the fixed input shapes
     seed: int = 0
     max_steps_per_epoch: Optional[int] = Field(None, gt=0)  # short runs: tests, smoke checks
     log_every: int = Field(10, gt=0)
@@ -148,7 +164,7 @@ class Recipe(_Strict):
 def objective(recipe: Recipe) -> Objective:
     loss = recipe.loss
     return Objective(METHODS[recipe.method], temperature=loss.temperature, base_temperature=loss.base_temperature,
-                     label_smoothing=loss.label_smoothing, alpha=loss.alpha)
+                     label_smoothing=loss.label_smoothing, alpha=loss.alpha, aux_weight=loss.aux_weight)
 
 
 def apply_override(tree: dict, assignment: str) -> None:

@@ -134,7 +134,7 @@ def run(recipe: Recipe, eval_only: str | None = None, random_init: bool = False,
     knn_curve, knn_eval, evaluation = trained.knn if trained else [], None, None
     if knn is not None:
         knn_eval = KNNMonitor(recipe, accelerator, knn["bank"], None, knn["k"], knn["temperature"]).evaluate(model)
-    elif method.contrastive or random_init:
+    elif method.evaluation == "linear" or random_init:
         evaluation = linear_eval(recipe, accelerator, model) if recipe.linear_eval.enabled else None
     else:
         evaluation = classifier_eval(recipe, accelerator, model)
@@ -218,9 +218,10 @@ def format_table(results: dict) -> str:
     evaluation = results.get("linear_eval")
     if evaluation:
         lines += ["", "| classifier  | top-1 (%) | top-5 (%) |", "|-------------|-----------|-----------|"]
-        for name in ("backbone", "subnetwork", "ensemble"):
-            if evaluation.get(name):
-                lines.append(f"| {name:<11} | {evaluation[name]['top1']:9.2f} | {evaluation[name]['top5']:9.2f} |")
+        exits = evaluation.get("exits") or {n: evaluation[n] for n in ("backbone", "subnetwork", "ensemble")
+                                            if evaluation.get(n)}
+        for name, acc in exits.items():
+            lines.append(f"| {name:<11} | {acc['top1']:9.2f} | {acc['top5']:9.2f} |")
         lines.append(f"\n{evaluation['samples']} validation images")
     knn_eval = results.get("knn_eval")
     if knn_eval:

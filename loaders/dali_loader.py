@@ -20,8 +20,8 @@ Design choices (see DESIGN.md, ``loaders/``):
   equal and DROP yields the same number of full batches on every rank (DALI's DROP logic
   misbehaves with unequal shards); at most ``world_size - 1`` files sit out, the same ones
   every epoch. ``shuffle_after_epoch`` reshuffles the whole list every epoch identically on
-  all ranks (DALI seeds it with a constant plus its epoch counter, so ``set_epoch`` cannot
-  steer it; our pre-permutation is what makes ``seed`` matter).
+  all ranks, from ``shuffle_after_epoch_seed`` (the request's ``seed``) and DALI's own epoch
+  counter, so ``set_epoch`` cannot steer it.
 * Last batch. Training drops it. Evaluation uses contiguous shards whose sizes sum to the
   dataset size, ``pad_last_batch`` + ``reader_name`` + PARTIAL: the padded copies are cut
   off, every sample is counted exactly once across processes. DALI also tops smaller shards
@@ -108,7 +108,8 @@ def _pipeline(files, labels, root, cfg, req, decode_device):
     jpegs, label = fn.readers.file(
         file_root=str(root), files=files, labels=labels, name=READER,
         shard_id=req.rank, num_shards=req.world_size, pad_last_batch=True,
-        shuffle_after_epoch=training, stick_to_shard=not training)
+        shuffle_after_epoch=training, stick_to_shard=not training,
+        **({"shuffle_after_epoch_seed": req.seed % 2**31} if training else {}))
     gpu = decode_device == "mixed"
     decoder_args = dict(device=decode_device, output_type=types.RGB,
                         **(_MIXED_DECODER_ARGS if gpu else {}))
@@ -123,12 +124,12 @@ def _pipeline(files, labels, root, cfg, req, decode_device):
         images = fn.resize(images, resize_shorter=int(round(size / cfg.val_resize_ratio)))
         views.append(fn.crop_mirror_normalize(images, crop=(size, size), **normalise))
     else:
-        for _ in range(req.num_views):
+        for augment in req.augments:
             images = fn.decoders.image_random_crop(
                 jpegs, random_area=list(cfg.crop_scale), random_aspect_ratio=list(cfg.crop_ratio),
                 num_attempts=10, **decoder_args)
             images = fn.resize(images, size=(size, size))
-            if req.augment == "contrastive":
+            if augment == "contrastive":
                 images = _colour(images)
             views.append(fn.crop_mirror_normalize(
                 images, mirror=fn.random.coin_flip(probability=0.5), **normalise))

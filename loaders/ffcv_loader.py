@@ -31,6 +31,7 @@ reports (KeyError, innermost frame that finalizer); all else reaches the previou
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
@@ -51,7 +52,7 @@ from ffcv.transforms import NormalizeImage, RandomHorizontalFlip, ToDevice, ToTe
 torch.set_num_threads(_TORCH_THREADS)
 
 from loaders import shard, subset_indices
-from loaders.spec import DataConfig, LoaderError, LoaderRequest, output_dtype, require_path, to_device
+from loaders.spec import DataConfig, LoaderError, LoaderRequest, on_device, output_dtype, require_path, to_device
 
 log = logging.getLogger(__name__)
 _NUMBA_DISPATCHER = os.path.join("numba", "core", "dispatcher.py")
@@ -111,7 +112,7 @@ def _adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:  # torchv
     t = (maxc * (1.0 - s * (1.0 - f))).clamp(0.0, 1.0)
     # per sector i, torchvision's hsv->rgb picks each channel from (maxc, q, p, t): a lookup + gather
     candidates = torch.stack((maxc, q, p, t), 1)  # [B,4,H,W]
-    pick = _HSV_SECTOR_PICK.to(x.device)[i.long()]  # [B,H,W,3]
+    pick = on_device(_HSV_SECTOR_PICK, x.device)[i.long()]  # [B,H,W,3]
     return torch.gather(candidates, 1, pick.permute(0, 3, 1, 2))
 
 
@@ -141,13 +142,21 @@ def jitter(x, factors, order, apply, gray):
     return torch.where(gray.view(B, 1, 1, 1), _gray(x).expand_as(x), x)
 
 
+@functools.lru_cache(maxsize=8)
+def _jitter_range(strength: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """ColorJitter's factor ranges, built once per device (a tensor made from Python values on a GPU
+    is a synchronising copy from pageable memory)."""
+    lo = torch.tensor([max(0.0, 1 - s) for s in strength[:3]] + [-strength[3]], device=device)
+    hi = torch.tensor([1 + s for s in strength[:3]] + [strength[3]], device=device)
+    return lo, hi
+
+
 def color_augment(x: torch.Tensor, gen: torch.Generator, strength=(0.4, 0.4, 0.4, 0.1),
                   p_jitter: float = 0.8, p_gray: float = 0.2) -> torch.Tensor:
     """RandomApply(ColorJitter(*strength), p_jitter) then RandomGrayscale(p_gray), one draw per sample."""
     B, dev = x.shape[0], x.device
     u = torch.rand(B, 7, device=dev, generator=gen)
-    lo = torch.tensor([max(0.0, 1 - s) for s in strength[:3]] + [-strength[3]], device=dev)
-    hi = torch.tensor([1 + s for s in strength[:3]] + [strength[3]], device=dev)
+    lo, hi = _jitter_range(tuple(strength), dev)
     factors = lo + (hi - lo) * u[:, :4]
     order = torch.rand(B, 4, device=dev, generator=gen).argsort(1)
     return jitter(x, factors, order, u[:, 4] < p_jitter, u[:, 5] < p_gray)
@@ -178,7 +187,7 @@ class FFCVLoader:
         self.skipped: set[str] = set()  # unreadable files were left out by ffcv_convert
         self.epoch = self.skip_batches = 0
         self._cuda = req.device.type == "cuda"  # the GPU-only branch: ToDevice in the pipelines
-        self._torch_norm = self._cuda or req.augment == "contrastive"
+        self._torch_norm = self._cuda or "contrastive" in req.augments
         self._mean = torch.tensor(cfg.mean, device=req.device).view(1, 3, 1, 1)
         self._std = torch.tensor(cfg.std, device=req.device).view(1, 3, 1, 1)
         self._gen = torch.Generator(device=req.device)
@@ -255,10 +264,10 @@ class FFCVLoader:
             for dec in self._decoders:
                 dec.output_size = (size, size)
 
-    def _finish(self, x: torch.Tensor) -> torch.Tensor:
+    def _finish(self, x: torch.Tensor, augment: str) -> torch.Tensor:
         if x.dtype == torch.uint8:  # not normalised yet: [0,1], colour augmentation, normalisation
             x = x.to(torch.float32).div_(255)
-            if self.req.augment == "contrastive":
+            if augment == "contrastive":
                 x = color_augment(x, self._gen)
             return to_device(x.sub_(self._mean).div_(self._std), self.req, self.dtype)
         out = to_device(x, self.req, self.dtype)
@@ -270,7 +279,7 @@ class FFCVLoader:
         try:  # ffcv's batch thread sets torch's thread count to num_workers before its first batch
             for index, batch in enumerate(self._loader):
                 torch.set_num_threads(torch_threads)
-                images = tuple(self._finish(x) for x in (batch[0], *batch[2:]))
+                images = tuple(self._finish(x, a) for x, a in zip((batch[0], *batch[2:]), self.req.augments))
                 if index >= self.skip_batches:  # a resumed epoch: decoded and dropped, so its randomness matches
                     yield images, batch[1].to(self.req.device, copy=True).view(-1)
         finally:

@@ -3,7 +3,7 @@
 A backend yields ``(views, labels)``: ``views`` is a tuple of ``num_views`` image tensors
 ``[B, 3, H, W]`` already on the training device, normalised, channels_last when asked;
 ``labels`` is ``[B]`` int64 on the same device. A backend is told how many views to make and
-which augmentation to apply; it never knows which method runs.
+which augmentation to apply to each (one for all, or one per view); it never knows which method runs.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import functools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Literal, Optional, Protocol
+from typing import Iterator, Literal, Optional, Protocol, Union
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -97,7 +97,7 @@ class LoaderRequest:
 
     split: Literal["train", "val"]
     batch_size: int  # per process
-    augment: Augment
+    augment: Union[Augment, tuple[Augment, ...]]  # one for every view, or one per view
     num_views: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     rank: int = 0
@@ -113,13 +113,20 @@ class LoaderRequest:
             raise ValueError(f"batch_size={self.batch_size} must be positive")
         if self.subset is not None and self.subset <= 0:
             raise ValueError(f"subset={self.subset} must be positive")
+        if isinstance(self.augment, tuple) and (len(self.augment) != self.num_views or "center" in self.augment):
+            raise ValueError(f"augment={self.augment}: one training augmentation per view ({self.num_views})")
+
+    @property
+    def augments(self) -> tuple[str, ...]:
+        """The augmentation of each view."""
+        return self.augment if isinstance(self.augment, tuple) else (self.augment,) * self.num_views
 
     @property
     def training(self) -> bool:
         """Random order and full, equal batches on every process. A center-cropped read (of either
         split: a k-NN bank, cached linear-evaluation features) is an evaluation read: file order,
         sharded without padding, the last batch kept."""
-        return self.split == "train" and self.augment != "center"
+        return self.split == "train" and "center" not in self.augments
 
 
 class Loader(Protocol):
@@ -176,6 +183,13 @@ def _refuse_symlink_loops(root: str, shown_root: str, key: str) -> None:
                 walk(os.path.join(shown, entry.name), target, ancestors | {target})
 
     walk(shown_root, root, frozenset({root}))
+
+
+@functools.lru_cache(maxsize=32)
+def on_device(constant: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A constant tensor's copy on ``device``, made once: a per-batch ``.to(cuda)`` of a CPU constant
+    is a synchronising host-to-device copy."""
+    return constant.to(device)
 
 
 def to_device(x: torch.Tensor, req: LoaderRequest, dtype: torch.dtype) -> torch.Tensor:

@@ -36,9 +36,9 @@ class TolerantImageFolder(Dataset):
     read drops it (its item is ``None``): every readable image counts once, and no image twice.
     """
 
-    def __init__(self, root, transform, num_views: int, replace: bool):
+    def __init__(self, root, transforms, replace: bool):
         self.folder = datasets.ImageFolder(root)
-        self.transform, self.num_views, self.replace = transform, num_views, replace
+        self.transforms, self.replace = transforms, replace  # one per view
 
     def __len__(self):
         return len(self.folder.samples)
@@ -52,7 +52,7 @@ class TolerantImageFolder(Dataset):
             except Exception as exc:  # PIL raises many types for a broken file
                 skipped.append(f"{path} ({type(exc).__name__}: {exc})")
                 continue
-            return tuple(self.transform(image) for _ in range(self.num_views)), label, skipped
+            return tuple(transform(image) for transform in self.transforms), label, skipped
         return None, None, skipped
 
 
@@ -82,7 +82,7 @@ class TorchvisionLoader:
         key = f"data.{req.split}"
         root = require_path(getattr(cfg, req.split), key)
         try:
-            dataset = TolerantImageFolder(root, build_transform(cfg, req.augment), req.num_views, req.training)
+            dataset = TolerantImageFolder(root, [build_transform(cfg, a) for a in req.augments], req.training)
         except (FileNotFoundError, RuntimeError) as exc:  # ImageFolder: no class folders / no images
             raise LoaderError(f"{key}: {exc}") from exc
         self.req, self.dtype, self.root = req, output_dtype(cfg), root

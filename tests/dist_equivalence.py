@@ -13,13 +13,16 @@ from fasttrain.recipe import Recipe  # noqa: E402
 
 
 def main(method_name: str, out: str) -> None:
-    recipe = Recipe.model_validate({"method": method_name, "model": {"arch": "resnet18", "stem": "cifar"},
+    model = {"arch": "resnet18", "stem": "cifar"}
+    if method_name in ("dsn", "cds"):  # every exit kind of its own, and a term per exit
+        model.update(exits=["layer1", "layer2", "layer3"], exit_kind="sepconv", head="none")
+    recipe = Recipe.model_validate({"method": method_name, "model": model,
                                     "train": {"precision": "fp32", "channels_last": False},
                                     "run": {"dir": str(Path(out).parent / "run")}})
     accelerator = make_accelerator(recipe, log_with=())
     method = get_method(method_name)
     torch.manual_seed(0)
-    model = build_model(recipe, method, num_classes=4)
+    model = build_model(recipe, method, num_classes=10)
     gen = torch.Generator().manual_seed(1)
     batch = 12
     views = [torch.randn(batch, 3, 16, 16, generator=gen) for _ in range(method.num_views)]

@@ -139,3 +139,12 @@ def test_too_few_images_is_a_clear_error(tmp_path):
         dali(root, "train", "basic", batch_size=4)
     with pytest.raises(LoaderError, match="data.val: no such directory"):
         dali(tmp_path / "missing")
+
+
+def test_the_dali_build_matches_torchs_cuda():
+    """setup.py's DALI wheel is the build for torch's CUDA major version (a CUDA-12 DALI beside a
+    CUDA-13 torch loads CUDA-12 libraries that are not there)."""
+    import importlib.metadata
+    builds = sorted({d.metadata["Name"].lower() for d in importlib.metadata.distributions()
+                     if (d.metadata["Name"] or "").lower().startswith("nvidia-dali-cuda")})
+    assert builds == [f"nvidia-dali-cuda{torch.version.cuda.split('.')[0]}0"]

@@ -25,6 +25,12 @@ def test_warmup_then_cosine_to_the_final_ratio():
     assert lr_factor(total, total, warmup, final) == pytest.approx(final)
 
 
+def test_step_decay_multiplies_by_gamma_at_each_milestone_after_the_warm_up():
+    factors = [lr_factor(u, 90, 2, 0.0, milestones=[30, 60], gamma=0.1) for u in range(90)]
+    assert factors[:2] == [0.5, 1.0] and factors[2:30] == [1.0] * 28
+    assert factors[30:60] == pytest.approx([0.1] * 30) and factors[60:] == pytest.approx([0.01] * 30)
+
+
 @pytest.mark.parametrize("name", ["sgd", "lars"])
 def test_batchnorm_and_bias_excluded_from_weight_decay(name):
     model = build_model(Recipe(method="supcon", model={"arch": "resnet18"}), get_method("supcon"), 10)
@@ -95,3 +101,29 @@ def test_metrics_file_starts_fresh_or_keeps_the_rows_up_to_the_resumed_step(tmp_
     assert [(r["kind"], r["step"]) for r in resumed.read()] == [("train", 1), ("train", 2)]
     assert len((tmp_path / "metrics.csv").read_text().splitlines()) == 1 + 2  # header + one value per row
     assert MetricsFile(tmp_path, True).read() == []  # a fresh run: nothing of an older run is mixed in
+
+
+def test_sync_bn_under_compile_is_one_warning_and_sync_bn_needs_several_processes(caplog):
+    from fasttrain.engine.trainer import SYNC_BN_COMPILE, training_model
+    recipe = Recipe(method="selfcon", model={"arch": "resnet18", "sync_bn": True}, train={"compile": True})
+    alone = training_model(recipe, get_method("selfcon"), 10, num_processes=1)
+    assert not any(isinstance(m, torch.nn.SyncBatchNorm) for m in alone.modules()) and not caplog.records
+    with caplog.at_level("WARNING", logger="fasttrain"):
+        several = training_model(recipe, get_method("selfcon"), 10, num_processes=2)
+    assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in several.modules())
+    assert [r.getMessage() for r in caplog.records] == [SYNC_BN_COMPILE]
+    plain = Recipe(method="selfcon", model={"arch": "resnet18", "sync_bn": True})
+    caplog.clear()
+    training_model(plain, get_method("selfcon"), 10, num_processes=2)
+    assert not caplog.records
+
+
+def test_device_constants_are_built_once_per_device():
+    from fasttrain.losses import _index
+    from loaders.ffcv_loader import _jitter_range
+    from loaders.spec import on_device
+    cpu = torch.device("cpu")
+    assert _index((0, 2), cpu) is _index((0, 2), cpu)
+    assert _jitter_range((0.4, 0.4, 0.4, 0.1), cpu)[0] is _jitter_range((0.4, 0.4, 0.4, 0.1), cpu)[0]
+    constant = torch.arange(3)
+    assert on_device(constant, cpu) is on_device(constant, cpu)

@@ -15,6 +15,7 @@ import pytest
 
 from fasttrain.demo_data import build
 from fasttrain.methods import get_method
+from fasttrain.monitors import collapse_value
 from fasttrain.recipe import load_recipe, objective
 from fasttrain.run import run
 
@@ -34,10 +35,10 @@ def fashion(tmp_path_factory):
     return root
 
 
-def recipe(fashion, run_dir, method):
+def recipe(fashion, run_dir, method, *more):
     return load_recipe(REPO / "recipes" / "demo_selfcon.yaml",
                        [f"method={method}", f"data.train={fashion / 'train'}", f"data.val={fashion / 'val'}",
-                        f"run.dir={run_dir}", *SETTINGS])
+                        f"run.dir={run_dir}", *SETTINGS, *more])
 
 
 @pytest.fixture(scope="module")
@@ -47,13 +48,20 @@ def floor(fashion, tmp_path_factory):
     return results["knn"][-1]
 
 
+# the deep-supervision methods with their own exits (CDS's separable-conv stacks after layer1-3) and
+# loss settings; their sub-network exits differ from the floor's, so their backbone is what is compared
+DEEP_SUPERVISION = ["model.exits=[layer1,layer2,layer3]", "model.exit_kind=sepconv", "model.head=none",
+                    "loss.temperature=0.07"]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["ce", "supcon", "supcon_s", "selfcon", "selfcon_m"])
+@pytest.mark.parametrize("method", ["ce", "supcon", "supcon_s", "selfcon", "selfcon_m", "dsn", "cds"])
 def test_a_short_run_learns_beyond_the_random_floor(fashion, floor, tmp_path, method):
-    config = recipe(fashion, tmp_path, method)
+    deep = method in ("dsn", "cds")
+    config = recipe(fashion, tmp_path, method, *(DEEP_SUPERVISION if deep else ()))
     results = run(config)
     learned = results["knn"][-1]
-    exits = ["backbone", "sub0"] if get_method(method).uses_subnetwork else ["backbone"]
+    exits = ["backbone"] if deep or not get_method(method).uses_subnetwork else ["backbone", "sub0"]
     for name in exits:
         assert learned[name] >= floor[name] + MARGIN, (method, name, learned, floor)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -63,3 +71,8 @@ def test_a_short_run_learns_beyond_the_random_floor(fashion, floor, tmp_path, me
     if collapse is not None:
         last = sum(r["loss"] for r in train[-3:]) / 3
         assert last < 0.9 * collapse, (method, last, collapse)
+    if method == "cds":  # each exit's contrast between the two views: log(2B - 1) when collapsed (T = T_base)
+        pinned = collapse_value(2 * config.train.batch_size, 0.07, 0.07)
+        for name in ("sub0", "sub1", "sub2", "backbone"):
+            last = sum(r[f"loss/contrast/{name}"] for r in train[-3:]) / 3
+            assert last < 0.9 * pinned, (name, last, pinned)

@@ -2,7 +2,9 @@
 import numpy as np
 import pytest
 
-from conftest import colour_folder, identities
+import torch
+
+from conftest import PALETTE, colour_folder, identities, rgb
 from loaders import DataConfig, LoaderRequest, build_loader, subset_indices
 
 BACKENDS = ["torchvision", "dali", "ffcv"]
@@ -52,3 +54,25 @@ def test_a_subset_is_read_whole_once_across_processes(sources, backend, split):
         counts += num_samples
     assert sorted(seen) == expected and counts == 7
     assert sorted(read(backend, sources[backend], split, None)[0]) == list(range(20))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_each_view_gets_its_own_augmentation(sources, backend):
+    """augment=("basic", "contrastive"): on constant-colour images only colour ops move a colour, so
+    view 0 keeps every colour and view 1 (jitter p=0.8, grayscale p=0.2) moves some."""
+    pytest.importorskip({"dali": "nvidia.dali", "ffcv": "ffcv"}.get(backend, "torch"))
+    cfg = DataConfig(train=sources[backend], image_size=16, num_workers=1 if backend != "torchvision" else 0)
+    loader = build_loader(backend, cfg, LoaderRequest(split="train", batch_size=20, augment=("basic", "contrastive"),
+                                                      num_views=2, seed=3))
+    (plain, coloured), labels = next(iter(loader))
+    originals = identities(plain)  # asserts every colour of view 0 is its image's own
+    moved = [(m - torch.tensor(PALETTE[i], dtype=torch.float32)).abs().max() > 8
+             for m, i in zip(rgb(coloured).mean(dim=(2, 3)), originals)]
+    assert 4 <= sum(moved) <= 20
+
+
+def test_a_per_view_augmentation_needs_one_entry_per_view():
+    with pytest.raises(ValueError, match="one training augmentation per view"):
+        LoaderRequest(split="train", batch_size=2, augment=("basic",), num_views=2)
+    with pytest.raises(ValueError, match="one training augmentation per view"):
+        LoaderRequest(split="train", batch_size=2, augment=("basic", "center"), num_views=2)

@@ -32,10 +32,20 @@ def test_stack_exits_layout_is_view_major_then_exit():
     assert torch.equal(stacked[:, 2], sub[batch:]) and torch.equal(stacked[:, 3], backbone[batch:])
 
 
-@pytest.mark.parametrize("name,rows", [("ce", 8), ("supcon", 16), ("supcon_s", 8), ("selfcon", 8), ("selfcon_m", 16)])
+def method_model(name, **model):
+    """The encoder the trainer builds for method ``name`` (ResNet-18, cifar stem, small heads)."""
+    from fasttrain.engine.trainer import build_model
+    from fasttrain.recipe import Recipe
+    torch.manual_seed(0)
+    recipe = Recipe(method=name, model={"arch": "resnet18", "stem": "cifar", "proj_dim": 16, **model})
+    return build_model(recipe, get_method(name), num_classes=3)
+
+
+@pytest.mark.parametrize("name,rows", [("ce", 8), ("supcon", 16), ("supcon_s", 8), ("selfcon", 8), ("selfcon_m", 16),
+                                       ("dsn", 8), ("cds", 16), ("cds_ssl", 16)])
 def test_one_forward_of_the_right_size_per_method(name, rows):
     method = get_method(name)
-    model = tiny_model(exits=("layer2",) if method.uses_subnetwork else (), num_classes=3 if name == "ce" else None)
+    model = method_model(name)
     seen = []
     model.stem.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[0]))
     views, labels = make_views(method)
@@ -109,7 +119,8 @@ def test_methods_without_subnetwork_build_none():
     for name, method in METHODS.items():
         model = build_model(Recipe(method=name), method, num_classes=10)
         assert (len(model.subnetworks) > 0) == method.uses_subnetwork, name
-        assert (model.classifier is not None) == (name == "ce"), name
+        assert (model.classifier is not None) == (name in ("ce", "dsn", "cds", "cds_ssl")), name
+        assert (model.exit_classifiers is not None) == (name == "dsn"), name
 
 
 def _train_steps(model_fn, steps=8):

@@ -94,7 +94,30 @@ def test_each_method_trains_under_accelerate_launch(tmp_path, data, method):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["supcon", "supcon_s", "selfcon", "selfcon_m"])
+@pytest.mark.parametrize("method", ["dsn", "cds"])
+def test_deep_supervision_trains_and_evaluates_its_own_classifiers(tmp_path, data, method):
+    """1-stage evaluation: dsn reports each exit's classifier and their ensemble, cds its backbone
+    classifier; cds runs compiled (bf16, channels_last as every recipe here)."""
+    model = {"exits": ["layer1", "layer2", "layer3"], "exit_kind": "sepconv", "head": "none"}
+    recipe = write_recipe(tmp_path, data, method, model=model, train={"compile": method == "cds"},
+                          loss={"temperature": 0.07})
+    proc = launch("fasttrain/run.py", recipe)
+    evaluation = read_results(tmp_path)["linear_eval"]
+    names = ["sub0", "sub1", "sub2", "backbone", "ensemble"] if method == "dsn" else ["backbone"]
+    assert list(evaluation["exits"]) == names and evaluation["samples"] == 9
+    assert all(0 <= e["top1"] <= e["top5"] <= 100 for e in evaluation["exits"].values())
+    assert all(f"| {n}" in proc.stdout for n in names)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    terms = ["loss/ce/sub0", "loss/ce/backbone"] if method == "dsn" else ["loss/ce", "loss/contrast/sub2"]
+    assert all(r[t] > 0 for r in rows if r["kind"] == "train" for t in terms)
+    if method == "dsn":  # the floor of an encoder whose method trains classifiers: a linear evaluation of it
+        launch("fasttrain/run.py", recipe, "--random-init", accelerate=False)
+        floor = json.loads((tmp_path / "run" / "random_init.json").read_text())["linear_eval"]
+        assert list(floor["exits"]) == names
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["supcon", "supcon_s", "selfcon", "selfcon_m", "dsn", "cds"])
 def test_two_processes_match_one_process(tmp_path, method):
     one, two = tmp_path / "one.pt", tmp_path / "two.pt"
     launch("tests/dist_equivalence.py", method, one)
@@ -102,8 +125,8 @@ def test_two_processes_match_one_process(tmp_path, method):
     a, b = torch.load(one), torch.load(two)
     assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
     assert a["grads"].keys() == b["grads"].keys() and len(a["grads"]) > 10
-    for name, grad in a["grads"].items():
-        assert torch.allclose(grad, b["grads"][name], rtol=1e-4, atol=1e-6), name
+    for name, grad in a["grads"].items():  # to float32 summation order, relative to each tensor's size
+        assert (grad - b["grads"][name]).norm() <= 1e-5 * grad.norm() + 1e-6, name
 
 
 @pytest.mark.slow

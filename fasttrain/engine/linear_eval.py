@@ -58,43 +58,54 @@ def topk_correct(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(logit_fn, loader, accelerator: Accelerator, names: list[str]) -> dict:
-    """Top-1/top-5 (%) of each named set of logits; counts are summed over processes, and each
-    process sees its own shard without padding, so every readable sample counts exactly once
-    (``skipped_images``: the unreadable ones, left out)."""
+def evaluate(logit_fn, loader, accelerator: Accelerator, num_exits: int) -> dict:
+    """Top-1/top-5 (%) of each exit's classifier (``logit_fn(image)``: their logits, sub-networks
+    first, backbone last) and, with several, of their ensemble (mean of logits). Counts are summed
+    over processes, and each process sees its own shard without padding, so every readable sample
+    counts exactly once (``skipped_images``: the unreadable ones, left out). ``subnetwork`` is the
+    first sub-network's entry of ``exits``."""
+    names = exit_names(num_exits) + (["ensemble"] if num_exits > 1 else [])
     correct = torch.zeros(len(names), 2, device=accelerator.device)
     seen = torch.zeros((), device=accelerator.device)
     for views, labels in loader:
-        for i, logits in enumerate(logit_fn(views[0])):
+        per_exit = logit_fn(views[0])
+        if num_exits > 1:
+            per_exit = [*per_exit, torch.stack(per_exit).mean(0)]
+        for i, logits in enumerate(per_exit):
             correct[i] += topk_correct(logits, labels)
         seen += labels.numel()
     skipped = torch.tensor(float(len(loader.skipped)), device=accelerator.device)
     correct, seen = accelerator.reduce(correct, reduction="sum"), accelerator.reduce(seen, reduction="sum")
     acc = (100 * correct / seen.clamp(min=1)).tolist()
     result = {name: {"top1": a[0], "top5": a[1]} for name, a in zip(names, acc)}
-    return {"backbone": result["backbone"], "subnetwork": result.get("subnetwork"),
-            "ensemble": result.get("ensemble"), "samples": int(seen),
+    return {"backbone": result["backbone"], "subnetwork": result.get("sub0"),
+            "ensemble": result.get("ensemble"), "exits": result, "samples": int(seen),
             "skipped_images": int(accelerator.reduce(skipped, reduction="sum"))}
 
 
-def check_evaluation(recipe: Recipe, contrastive: bool, train_images: int) -> None:
-    """What the evaluation after pretraining will read, checked before the first step."""
-    if not contrastive or recipe.linear_eval.enabled:
+def check_evaluation(recipe: Recipe, evaluation: str, train_images: int) -> None:
+    """What the evaluation after pretraining (``linear`` or ``classifier``) will read, checked before
+    the first step."""
+    linear = evaluation == "linear"
+    if not linear or recipe.linear_eval.enabled:
         check_split(recipe.loader, recipe.data, "val")
-    if contrastive and recipe.linear_eval.enabled and recipe.linear_eval.batch_size > train_images:
+    if linear and recipe.linear_eval.enabled and recipe.linear_eval.batch_size > train_images:
         raise RecipeError(f"linear_eval.batch_size={recipe.linear_eval.batch_size}: more than the {train_images} "
                           f"training images it reads; lower it")
 
 
 def classifier_eval(recipe: Recipe, accelerator: Accelerator, model: MultiExitResNet) -> dict:
-    """For `ce`: the trained classifier's own accuracy, reported as the backbone's."""
+    """1-stage evaluation (`ce`, `dsn`, `cds`): the accuracy of the classifiers trained with the
+    encoder: the backbone's, and where every exit has one (`dsn`), each exit's and their ensemble."""
     model.eval()
 
     def logits(image):
         with accelerator.autocast():
-            return [model(image, project=False).logits.float()]
+            out = model(image, project=False)
+        return [x.float() for x in (*out.sub_logits, out.logits)]
 
-    return evaluate(logits, eval_loader(recipe, accelerator, "val", "center"), accelerator, ["backbone"])
+    num_exits = 1 + len(model.exit_classifiers or ())
+    return evaluate(logits, eval_loader(recipe, accelerator, "val", "center"), accelerator, num_exits)
 
 
 def linear_eval(recipe: Recipe, accelerator: Accelerator, encoder: MultiExitResNet) -> dict:
@@ -133,14 +144,10 @@ def linear_eval(recipe: Recipe, accelerator: Accelerator, encoder: MultiExitResN
         checkpoint.atomic_save({name: {k: v.detach().cpu() for k, v in head.state_dict().items()}
                                 for name, head in zip(exit_names(len(heads)), heads)},
                                Path(recipe.run.dir) / checkpoint.LINEAR_CLASSIFIERS)
-    with_subnet = encoder.num_exits > 1
-
     def logits(image):
-        per_exit = classifiers(encode(encoder, accelerator, image))
-        return [per_exit[-1], per_exit[0], torch.stack(per_exit).mean(0)] if with_subnet else [per_exit[-1]]
+        return classifiers(encode(encoder, accelerator, image))
 
-    names = ["backbone", "subnetwork", "ensemble"] if with_subnet else ["backbone"]
-    return evaluate(logits, eval_loader(recipe, accelerator, "val", "center"), accelerator, names)
+    return evaluate(logits, eval_loader(recipe, accelerator, "val", "center"), accelerator, encoder.num_exits)
 
 
 def encode_split(loader, encoder, accelerator, desc: str = "encoding train split"):

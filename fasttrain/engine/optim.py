@@ -1,7 +1,9 @@
-"""Optimizer and learning-rate schedule: SGD or LARS, linear warm-up then cosine, set every step."""
+"""Optimizer and learning-rate schedule: SGD or LARS, linear warm-up then cosine (or step decay),
+set every step."""
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 from timm.optim import Lars
@@ -28,10 +30,14 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Opt
     return optimizer
 
 
-def lr_factor(update: int, total_updates: int, warmup_updates: int, final_ratio: float) -> float:
-    """Multiplier of the base lr at optimizer update ``update`` (0-based)."""
+def lr_factor(update: int, total_updates: int, warmup_updates: int, final_ratio: float,
+              milestones: Sequence[int] = (), gamma: float = 0.1) -> float:
+    """Multiplier of the base lr at optimizer update ``update`` (0-based): linear warm-up, then cosine
+    to ``final_ratio``, or, with ``milestones`` (updates), ``gamma`` per milestone passed."""
     if update < warmup_updates:
         return (update + 1) / warmup_updates
+    if milestones:
+        return gamma ** sum(update >= m for m in milestones)
     progress = min(1.0, (update - warmup_updates) / max(1, total_updates - warmup_updates))
     return final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 

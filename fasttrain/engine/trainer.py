@@ -51,6 +51,8 @@ def make_accelerator(recipe: Recipe, *, log_with: Optional[Sequence[str]] = None
                                   log_with=list(log_with) or None, project_dir=str(recipe.run.dir))
     except ValueError as exc:  # e.g. env:// rendezvous without MASTER_ADDR: a launch problem
         raise RecipeError(f"cannot start the process group: {exc}") from None
+    if accelerator.device.type == "cuda":
+        torch.backends.cudnn.benchmark = recipe.train.cudnn_benchmark
     expected = int(os.environ.get("WORLD_SIZE", "1"))
     if expected > 1 and accelerator.num_processes != expected:
         raise RecipeError(
@@ -68,6 +70,10 @@ def _native_cpu_bf16() -> bool:
         return True  # cannot tell: say nothing
 
 
+SYNC_BN_COMPILE = ("model.sync_bn with train.compile: torch.compile breaks its graph at every SyncBatchNorm "
+                   "(one per BatchNorm layer), which costs most of what compiling gains; turn one of them off")
+
+
 def per_process_batch(recipe: Recipe, accelerator: Accelerator) -> int:
     parts = accelerator.num_processes * recipe.train.grad_accum_steps
     if recipe.train.batch_size % parts:
@@ -77,11 +83,26 @@ def per_process_batch(recipe: Recipe, accelerator: Accelerator) -> int:
 
 
 def build_model(recipe: Recipe, method: Method, num_classes: int) -> MultiExitResNet:
+    """The method's encoder; ``num_classes`` None builds it without classifiers (the random-init floor
+    is a linear evaluation of the encoder alone)."""
     m = recipe.model
+    classes = num_classes if method.classifiers != "none" else None
     return build_encoder(m.arch, stem=m.stem, exits=m.exits if method.uses_subnetwork else (),
                          exit_kind=m.exit_kind, proj_dim=m.proj_dim, head=m.head,
-                         zero_init_residual=m.zero_init_residual,
-                         num_classes=num_classes if not method.contrastive else None)
+                         zero_init_residual=m.zero_init_residual, num_classes=classes,
+                         exit_classifiers=bool(classes) and method.classifiers == "every_exit")
+
+
+def training_model(recipe: Recipe, method: Method, num_classes: int, num_processes: int, main: bool = True):
+    """The model as it trains: channels_last, and SyncBatchNorm across several processes."""
+    model = build_model(recipe, method, num_classes)
+    if recipe.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if recipe.model.sync_bn and num_processes > 1:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        if recipe.train.compile and main:
+            log.warning(SYNC_BN_COMPILE)
+    return model
 
 
 class TrainStep:
@@ -89,13 +110,15 @@ class TrainStep:
     the last micro-step of an accumulation, the lr update and optimizer step."""
 
     def __init__(self, accelerator: Accelerator, model, objective: Objective, optimizer, total_updates: int,
-                 warmup_updates: int, final_lr_ratio: float, updates: int = 0, clip_grad_norm: Optional[float] = None):
+                 warmup_updates: int, final_lr_ratio: float, updates: int = 0, clip_grad_norm: Optional[float] = None,
+                 milestones: Sequence[int] = (), gamma: float = 0.1):
         self.accelerator, self.model, self.objective, self.optimizer = accelerator, model, objective, optimizer
-        self.total_updates, self.warmup_updates, self.final_lr_ratio = total_updates, warmup_updates, final_lr_ratio
+        self.schedule = functools.partial(lr_factor, total_updates=total_updates, warmup_updates=warmup_updates,
+                                          final_ratio=final_lr_ratio, milestones=milestones, gamma=gamma)
         self.clip_grad_norm = clip_grad_norm
         self.updates = updates  # optimizer updates done; the lr is derived from it
         self.nonfinite_steps = self.nonfinite_in_a_row = 0  # micro-steps skipped for a NaN/Inf loss
-        self.lr = set_lr(optimizer, lr_factor(updates, total_updates, warmup_updates, final_lr_ratio))
+        self.lr = set_lr(optimizer, self.schedule(updates))
 
     def __call__(self, views, labels, measure: bool = False):
         """``measure``: this step's logs will be read, so include the gradient norm. A loss that is
@@ -113,8 +136,7 @@ class TrainStep:
                 if self.clip_grad_norm or measure:  # without clipping, the norm costs a pass only when logged
                     logs["grad_norm"] = self.accelerator.clip_grad_norm_(self.model.parameters(),
                                                                          self.clip_grad_norm or float("inf"))
-                self.lr = set_lr(self.optimizer, lr_factor(self.updates, self.total_updates, self.warmup_updates,
-                                                           self.final_lr_ratio))
+                self.lr = set_lr(self.optimizer, self.schedule(self.updates))
                 self.updates += 1
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -149,16 +171,12 @@ def train(recipe: Recipe, accelerator: Accelerator) -> TrainResult:
         write_bytes(run_dir / "recipe.yaml", dump_recipe(recipe).encode())
     batch = per_process_batch(recipe, accelerator)
     loader = build_loader(recipe.loader, recipe.data, LoaderRequest(
-        split="train", batch_size=batch, augment=recipe.data.augment, num_views=method.num_views,
+        split="train", batch_size=batch, augment=method.views or recipe.data.augment, num_views=method.num_views,
         device=accelerator.device, rank=accelerator.process_index, world_size=accelerator.num_processes,
         seed=recipe.train.seed, channels_last=recipe.train.channels_last))
 
-    check_evaluation(recipe, method.contrastive, loader.num_samples * accelerator.num_processes)
-    model = build_model(recipe, method, loader.num_classes)
-    if recipe.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    if recipe.model.sync_bn and accelerator.num_processes > 1:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    check_evaluation(recipe, method.evaluation, loader.num_samples * accelerator.num_processes)
+    model = training_model(recipe, method, loader.num_classes, accelerator.num_processes, main)
     optimizer = build_optimizer(model, recipe.optim)
 
     micro_steps = min(len(loader), recipe.train.max_steps_per_epoch or len(loader))
@@ -175,7 +193,8 @@ def train(recipe: Recipe, accelerator: Accelerator) -> TrainResult:
                      total_updates=updates_per_epoch * recipe.schedule.epochs,
                      warmup_updates=round(recipe.schedule.warmup_epochs * updates_per_epoch),
                      final_lr_ratio=recipe.schedule.final_lr_ratio, updates=updates,
-                     clip_grad_norm=recipe.optim.clip_grad_norm)
+                     clip_grad_norm=recipe.optim.clip_grad_norm, gamma=recipe.schedule.gamma,
+                     milestones=[round(m * updates_per_epoch) for m in recipe.schedule.milestones])
 
     _start_trackers(recipe, accelerator)
     metrics = MetricsFile(run_dir, main, resume_step=updates if updates else None)

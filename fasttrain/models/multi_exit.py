@@ -1,5 +1,6 @@
-"""Multi-exit ResNets (SelfCon, Bae et al.): a backbone F, sub-networks G attached after an
-intermediate stage T, and an L2-normalised projection head on every exit.
+"""Multi-exit ResNets (SelfCon, Bae et al.; CDS, Zhang et al.): a backbone F, sub-networks G attached
+after intermediate stages T, an L2-normalised projection head on every exit, and classifiers on the
+backbone or on every exit when a method trains them (``ce``; ``dsn``, ``cds``).
 
 The backbone is torchvision's ResNet (its blocks, widths and init); the sub-networks reuse
 torchvision's BasicBlock/Bottleneck. One forward runs the shared trunk once and returns every exit.
@@ -20,15 +21,16 @@ ARCHS = {  # name -> (block, blocks per stage)
 }
 STAGES = ("layer1", "layer2", "layer3", "layer4")
 EXIT_POINTS = STAGES[:3]
-EXIT_KINDS = ("fc", "small", "same")
+EXIT_KINDS = ("fc", "small", "same", "sepconv")
 STEMS = ("imagenet", "cifar")
-HEADS = ("mlp", "mlp_bn", "linear")
+HEADS = ("mlp", "mlp_bn", "linear", "none")
 
 
 class EncoderOutput(NamedTuple):
     features: list[torch.Tensor]  # pooled feature per exit, sub-networks first, backbone last
     projections: list[torch.Tensor]  # L2-normalised projection per exit, same order
     logits: Optional[torch.Tensor]  # classifier on the backbone feature, if the encoder has one
+    sub_logits: list[torch.Tensor] = []  # classifier on each sub-network feature, if the encoder has them
 
 
 class ProjectionHead(nn.Sequential):
@@ -39,11 +41,14 @@ class ProjectionHead(nn.Sequential):
     hidden units centred across the batch, so projections of different images do not start
     (and cannot end) all alike: see the README's "Collapse" section for why that matters here.
     ``linear``: Linear d->proj_dim.
+    ``none``: the exit's feature itself, L2-normalised (the official CDS code).
     """
 
     def __init__(self, dim: int, proj_dim: int, kind: str = "mlp_bn"):
         _check("model.head", kind, HEADS)
-        if kind == "linear":
+        if kind == "none":
+            super().__init__()
+        elif kind == "linear":
             super().__init__(nn.Linear(dim, proj_dim))
         elif kind == "mlp_bn":
             super().__init__(nn.Linear(dim, dim, bias=False), nn.BatchNorm1d(dim), nn.ReLU(inplace=True),
@@ -87,14 +92,31 @@ def _pool() -> nn.Sequential:
     return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
 
 
+def sep_conv(in_channels: int, out_channels: int) -> nn.Sequential:
+    """CDS's auxiliary block: depthwise 3x3 stride 2, pointwise, BN, ReLU, depthwise 3x3, pointwise
+    to ``out_channels``, BN, ReLU (no library ships this exact block: MobileNet's have one depthwise)."""
+    def depthwise(stride):
+        return nn.Conv2d(in_channels, in_channels, 3, stride=stride, padding=1, groups=in_channels, bias=False)
+
+    return nn.Sequential(depthwise(2), tv.conv1x1(in_channels, in_channels), nn.BatchNorm2d(in_channels),
+                         nn.ReLU(inplace=True), depthwise(1), tv.conv1x1(in_channels, out_channels),
+                         nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
+
+
 def build_subnetwork(arch: str, exit_point: str, kind: str) -> nn.Sequential:
-    """G: maps the output of stage `exit_point` to a pooled feature of the backbone's width."""
+    """G: maps the output of stage `exit_point` to a pooled feature of the backbone's width.
+    ``fc``: pool + Linear; ``small``/``same``: half/all the blocks of the remaining stages (SelfCon);
+    ``sepconv``: one separable block per remaining stage, each halving the resolution and doubling
+    the channels (CDS)."""
     block, depths = ARCHS[arch]
     start = STAGES.index(exit_point)
     in_channels = 64 * 2 ** start * block.expansion
     width = 512 * block.expansion
     if kind == "fc":
         return nn.Sequential(*_pool(), nn.Linear(in_channels, width))
+    if kind == "sepconv":
+        channels = [64 * 2 ** i * block.expansion for i in range(start, len(STAGES))]
+        return nn.Sequential(*(sep_conv(a, b) for a, b in zip(channels, channels[1:])), *_pool())
     stages, inplanes = [], in_channels
     for index in range(start + 1, len(STAGES)):
         blocks = depths[index] if kind == "same" else max(1, depths[index] // 2)
@@ -106,7 +128,9 @@ def build_subnetwork(arch: str, exit_point: str, kind: str) -> nn.Sequential:
 class MultiExitResNet(nn.Module):
     def __init__(self, arch: str = "resnet50", *, stem: str = "imagenet", exits: Sequence[str] = ("layer2",),
                  exit_kind: str = "fc", proj_dim: int = 128, head: str = "mlp_bn",
-                 num_classes: Optional[int] = None, zero_init_residual: bool = False):
+                 num_classes: Optional[int] = None, exit_classifiers: bool = False, zero_init_residual: bool = False):
+        """``num_classes``: a classifier on the backbone feature; with ``exit_classifiers``, one on
+        every sub-network feature as well (deep supervision)."""
         super().__init__()
         _check("arch", arch, ARCHS)
         _check("stem", stem, STEMS)
@@ -119,6 +143,8 @@ class MultiExitResNet(nn.Module):
             raise ValueError(f"proj_dim={proj_dim} must be positive")
         if num_classes is not None and num_classes <= 0:
             raise ValueError(f"num_classes={num_classes} must be positive")
+        if exit_classifiers and not num_classes:
+            raise ValueError("exit_classifiers needs num_classes")
         block, depths = ARCHS[arch]
         net = tv.ResNet(block, list(depths), zero_init_residual=zero_init_residual)
         if stem == "cifar":  # small images: 3x3 stride-1 conv, no max-pool (as the official code)
@@ -134,6 +160,8 @@ class MultiExitResNet(nn.Module):
         init_like_torchvision(self.subnetworks, zero_init_residual)
         self.heads = nn.ModuleList(ProjectionHead(self.feature_dim, proj_dim, head) for _ in range(self.num_exits))
         self.classifier = nn.Linear(self.feature_dim, num_classes) if num_classes else None
+        self.exit_classifiers = nn.ModuleList(nn.Linear(self.feature_dim, num_classes) for _ in self.exit_points) \
+            if exit_classifiers else None
 
     @property
     def num_exits(self) -> int:
@@ -154,7 +182,8 @@ class MultiExitResNet(nn.Module):
         features = [*sub_features, self.pool(x)]
         projections = [head(f) for head, f in zip(self.heads, features)] if project else []
         logits = self.classifier(features[-1]) if self.classifier is not None else None
-        return EncoderOutput(features, projections, logits)
+        sub_logits = [c(f) for c, f in zip(self.exit_classifiers, sub_features)] if self.exit_classifiers else []
+        return EncoderOutput(features, projections, logits, sub_logits)
 
 
 def exit_names(num_exits: int) -> list[str]:
