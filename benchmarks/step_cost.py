@@ -3,7 +3,7 @@
     python -m benchmarks.step_cost --arch resnet50 --batch-size 128 --methods ce,supcon,selfcon_m,supcon_s,selfcon
 
 Each method runs in its own fresh process, through the trainer's real step (recipe ->
-make_accelerator -> build_model -> build_optimizer -> accelerator.prepare -> TrainStep), on
+make_accelerator -> training_model -> build_optimizer -> accelerator.prepare -> TrainStep), on
 synthetic images made once on the device before timing: no loading is measured. After warm-up
 steps, every timed step is clocked (CUDA events on GPU, perf_counter around a completed step on
 CPU). Peak memory: torch.cuda.max_memory_allocated on GPU (everything allocated: weights,
@@ -84,7 +84,7 @@ def measure(args, method_name: str) -> dict:
 
     from fasttrain.engine.metrics import PeakMemory
     from fasttrain.engine.optim import build_optimizer
-    from fasttrain.engine.trainer import TrainStep, build_model, make_accelerator, per_process_batch
+    from fasttrain.engine.trainer import TrainStep, make_accelerator, per_process_batch, training_model
     from fasttrain.recipe import objective
     from fasttrain.methods import get_method
 
@@ -106,9 +106,7 @@ def measure(args, method_name: str) -> dict:
         accelerator = make_accelerator(recipe, log_with=())
         device = accelerator.device
         batch = per_process_batch(recipe, accelerator)
-        model = build_model(recipe, method, NUM_CLASSES)
-        if recipe.train.channels_last:
-            model = model.to(memory_format=torch.channels_last)
+        model = training_model(recipe, method, NUM_CLASSES, accelerator.num_processes)
         optimizer = build_optimizer(model, recipe.optim)
         model, optimizer = accelerator.prepare(model, optimizer)
         total = args.warmup + args.steps

@@ -102,7 +102,7 @@ def run_check(path: Check, split_paths: dict, work: Path, device_type: str) -> d
     from fasttrain.engine.linear_eval import ExitClassifiers, encode
     from fasttrain.engine.metrics import PeakMemory
     from fasttrain.engine.optim import build_optimizer
-    from fasttrain.engine.trainer import TrainStep, make_accelerator, per_process_batch, training_model
+    from fasttrain.engine.trainer import TrainStep, make_accelerator, per_process_batch, train_loader, training_model
     from fasttrain.methods import get_method
     from fasttrain.recipe import Recipe, objective
     from loaders import LoaderRequest, build_loader
@@ -122,9 +122,7 @@ def run_check(path: Check, split_paths: dict, work: Path, device_type: str) -> d
         raise RuntimeError(f"asked for the CPU, Accelerate chose {accelerator.device}")
     device, method = accelerator.device, get_method(path.method)
     batch = per_process_batch(recipe, accelerator)
-    loader = build_loader(path.backend, recipe.data, LoaderRequest(
-        split="train", batch_size=batch, augment=recipe.data.augment, num_views=method.num_views, device=device,
-        rank=accelerator.process_index, world_size=accelerator.num_processes, seed=0, channels_last=True))
+    loader = train_loader(recipe, accelerator, method)
     views, labels = next(iter(loader))
     problems = [f"{what}" for what, ok in (
         (f"{len(views)} views, expected {method.num_views}", len(views) == method.num_views),

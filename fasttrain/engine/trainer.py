@@ -93,6 +93,14 @@ def build_model(recipe: Recipe, method: Method, num_classes: int) -> MultiExitRe
                          exit_classifiers=bool(classes) and method.classifiers == "every_exit")
 
 
+def train_loader(recipe: Recipe, accelerator: Accelerator, method: Method):
+    """The training split as the method needs it: its views, each with its augmentation."""
+    return build_loader(recipe.loader, recipe.data, LoaderRequest(
+        split="train", batch_size=per_process_batch(recipe, accelerator), augment=method.views or recipe.data.augment,
+        num_views=method.num_views, device=accelerator.device, rank=accelerator.process_index,
+        world_size=accelerator.num_processes, seed=recipe.train.seed, channels_last=recipe.train.channels_last))
+
+
 def training_model(recipe: Recipe, method: Method, num_classes: int, num_processes: int, main: bool = True):
     """The model as it trains: channels_last, and SyncBatchNorm across several processes."""
     model = build_model(recipe, method, num_classes)
@@ -170,10 +178,7 @@ def train(recipe: Recipe, accelerator: Accelerator) -> TrainResult:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_bytes(run_dir / "recipe.yaml", dump_recipe(recipe).encode())
     batch = per_process_batch(recipe, accelerator)
-    loader = build_loader(recipe.loader, recipe.data, LoaderRequest(
-        split="train", batch_size=batch, augment=method.views or recipe.data.augment, num_views=method.num_views,
-        device=accelerator.device, rank=accelerator.process_index, world_size=accelerator.num_processes,
-        seed=recipe.train.seed, channels_last=recipe.train.channels_last))
+    loader = train_loader(recipe, accelerator, method)
 
     check_evaluation(recipe, method.evaluation, loader.num_samples * accelerator.num_processes)
     model = training_model(recipe, method, loader.num_classes, accelerator.num_processes, main)
