@@ -26,9 +26,11 @@ if __package__ in (None, ""):
 from benchmarks.common import (bar_chart, markdown_table, recipe_for, run_worker, summarize,  # noqa: E402
                                write_json, write_report)
 
-METHODS = ("ce", "supcon", "selfcon_m", "supcon_s", "selfcon", "dsn", "cds")
+METHODS = ("ce", "supcon", "selfcon_m", "supcon_s", "selfcon", "dsn", "cds", "simclr", "selfcon_su", "selfcon_mu",
+           "mixco")
 LABELS = {"ce": "CE", "supcon": "SupCon", "selfcon_m": "SelfCon-M", "supcon_s": "SupCon-S", "selfcon": "SelfCon",
-          "dsn": "DSN", "cds": "CDS"}
+          "dsn": "DSN", "cds": "CDS", "simclr": "SimCLR", "selfcon_su": "SelfCon-SU", "selfcon_mu": "SelfCon-MU",
+          "mixco": "MixCo"}
 # the deep-supervision methods run with their recipes' exits (recipes/r*_cds.yaml), whatever --exit-kind
 DEEP_SUPERVISION_MODEL = {"exits": ["layer1", "layer2", "layer3"], "exit_kind": "sepconv", "head": "none"}
 # Paper Table 2, ImageNet: (memory ratio, time ratio) to SelfCon; CE has none.
@@ -157,6 +159,8 @@ def measure(args, method_name: str) -> dict:
     stats = summarize(times)
     return {
         "method": method.name, "num_views": method.num_views, "uses_subnetwork": method.uses_subnetwork,
+        # images through the encoder per image of the batch: the views, and MixCo's B/2 mixes per view
+        "forward_images_per_image": method.num_views * (1.5 if method.mix else 1),
         "step_time_median_s": stats["median"], "step_time_iqr_s": stats["iqr"],
         "step_time_min_s": stats["min"], "step_time_max_s": stats["max"],
         "images_per_second": batch * accelerator.num_processes / stats["median"],
@@ -214,17 +218,17 @@ def table(rows: list[dict], args) -> str:
     kind = ok[0]["memory_kind"] if ok else "?"
     device = ok[0]["device"] if ok else "?"
     cpu = any(r.get("cpu_time_ratio_to_selfcon") for r in ok)
-    header = ["Method", "Single-View", "Sub-Net.", "Mem. (ours)", "Time (ours)", "Mem. (paper)", "Time (paper)"]
+    header = ["Method", "Single-View", "Sub-Net.", "Forward imgs/img", "Mem. (ours)", "Time (ours)", "Mem. (paper)", "Time (paper)"]
     header += ["Time (ours, CPU s)"] if cpu else []
     header += ["step time, median (IQR) [s]", "images/s", "peak memory [MiB]"]
     body = []
     for r in rows:
         name = LABELS[r["method"]]
         if "error" in r:
-            body.append([name, None, None, "failed: " + r["error"][:80]] + [None] * (len(header) - 4))
+            body.append([name, None, None, None, "failed: " + r["error"][:80]] + [None] * (len(header) - 5))
             continue
         body.append([name, "✓" if r["num_views"] == 1 else "", "✓" if r["uses_subnetwork"] else "",
-                     _x(r["memory_ratio_to_selfcon"]), _x(r["time_ratio_to_selfcon"]),
+                     f"{r.get('forward_images_per_image', r['num_views']):g}", _x(r["memory_ratio_to_selfcon"]), _x(r["time_ratio_to_selfcon"]),
                      _px(r["paper_memory_ratio"]), _px(r["paper_time_ratio"])]
                     + ([_x(r.get("cpu_time_ratio_to_selfcon"))] if cpu else [])
                     + [f"{r['step_time_median_s']:.3f} ({r['step_time_iqr_s']:.3f})",

@@ -1,4 +1,5 @@
-"""The supervised contrastive loss family (SelfCon paper Eq. 1, 2, 7) and cross-entropy.
+"""The supervised contrastive loss family (SelfCon paper Eq. 1, 2, 7; without labels, SimCLR's
+NT-Xent), MixCo's soft InfoNCE of mix-ups, and cross-entropy.
 
 One function serves SupCon, SupCon-S, SelfCon and SelfCon-M: what differs is only which features
 (views and/or exits) are stacked into ``features [B, V, D]`` and which of them are anchors.
@@ -153,8 +154,32 @@ def supcon_loss(features: torch.Tensor, labels: Optional[torch.Tensor] = None, *
     return masked_mean(loss, valid)
 
 
+def mix_targets(mix_lambda: torch.Tensor, first: torch.Tensor, second: torch.Tensor, columns: int) -> torch.Tensor:
+    """MixCo's soft targets ``[M, columns]``: ``lambda`` at each mix's first source, ``1 - lambda`` at
+    its second (every row sums to 1)."""
+    rows = torch.arange(len(mix_lambda), device=mix_lambda.device)
+    targets = torch.zeros(len(mix_lambda), columns, device=mix_lambda.device)
+    targets[rows, first] = mix_lambda.float()
+    return targets.index_put_((rows, second), 1 - mix_lambda.float(), accumulate=True)
+
+
+def mix_contrast_loss(mixed: torch.Tensor, contrast: torch.Tensor, mix_lambda: torch.Tensor, first: torch.Tensor,
+                      second: torch.Tensor, *, temperature: float = 0.5) -> torch.Tensor:
+    """MixCo's soft InfoNCE: each mix ``mixed[m]`` (L2-normalised ``[M, D]``) against the contrast
+    features of every process (``contrast [B, D]`` here, gathered with gradient), with target
+    ``lambda`` on its first source ``contrast[first[m]]`` and ``1 - lambda`` on its second. The
+    sources index this process's rows; their column in the global batch is offset by its rank.
+    Returns this process's share of the global mean, as ``supcon_loss``."""
+    with torch.autocast(mixed.device.type, enabled=False):
+        gathered, _, offset = _gather(contrast.float(), None)
+        logits = mixed.float() @ gathered.T / temperature
+        targets = mix_targets(mix_lambda, first + offset, second + offset, gathered.shape[0])
+        per_mix = -(targets * logits.log_softmax(dim=1)).sum(dim=1)
+    return masked_mean(per_mix, torch.ones_like(per_mix, dtype=torch.bool))
+
+
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
     return F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
 
 
-__all__ = ["cross_entropy", "masked_mean", "supcon_loss", "supcon_terms"]
+__all__ = ["cross_entropy", "masked_mean", "mix_contrast_loss", "mix_targets", "supcon_loss", "supcon_terms"]

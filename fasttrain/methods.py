@@ -1,7 +1,8 @@
 """Methods: a name maps to a declaration (views per image, exits, heads, the loss, the evaluation).
-This module is also the batch builder, the only place that knows single-view from two-view:
+This module is also the batch builder, the only place that knows what a forward batch holds:
 
-    single view -> one [B] forward;   two views -> both views concatenated into one [2B] forward.
+    single view -> one [B] forward;   two views -> both views concatenated into one [2B] forward;
+    mix-up (MixCo) -> the views, then per view the B/2 mixes of image i with image i + B/2.
 
 Nothing else differs between methods, so a benchmark that swaps the method measures only what
 the method really needs. A method's loss is a function of the encoder's output; the trainer never
@@ -9,16 +10,25 @@ branches on the method.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Callable, Literal, Optional, Sequence
+from typing import Callable, Literal, NamedTuple, Optional, Sequence
 
 import torch
 
-from fasttrain.losses import cross_entropy, masked_mean, supcon_loss, supcon_terms
+from fasttrain.losses import cross_entropy, masked_mean, mix_contrast_loss, supcon_loss, supcon_terms
 from fasttrain.models import EncoderOutput, exit_names
 from fasttrain.monitors import collapse_value, spread
 
-LossFn = Callable[["Objective", EncoderOutput, torch.Tensor, int], "tuple[torch.Tensor, dict]"]
+
+class Layout(NamedTuple):
+    """What the forward batch holds, beside the images: the number of views, and for mix-up the
+    weight of the first source of each mix (``[V, B/2]``: drawn per view, as the official code)."""
+    views: int
+    mix_lambda: Optional[torch.Tensor] = None
+
+
+LossFn = Callable[["Objective", EncoderOutput, torch.Tensor, Layout], "tuple[torch.Tensor, dict]"]
 
 
 @dataclass(frozen=True)
@@ -31,23 +41,27 @@ class Method:
     classifiers: Literal["none", "backbone", "every_exit"]  # trained jointly with the encoder
     evaluation: Literal["linear", "classifier"]  # linear: frozen encoder; classifier: the trained ones (1-stage)
     summary: str
-    options: tuple[str, ...] = ()  # the loss settings beyond temperatures it reads (loss.alpha, loss.aux_weight)
+    options: tuple[str, ...] = ()  # the loss settings beyond temperatures it reads (loss.alpha, loss.aux_weight, ...)
     aux_weight: Optional[float] = None  # default of loss.aux_weight
-    labels: bool = True  # False: labels never reach the contrastive terms (self-supervised)
+    alpha: Optional[float] = None  # default of loss.alpha
+    labels: bool = True  # False: labels never reach the loss (self-supervised)
     views: Optional[tuple[str, ...]] = None  # each view's augmentation; None: data.augment for every view
+    mix: bool = False  # the batch builder appends mix-ups of each view (MixCo)
 
 
-def _ce(obj: "Objective", out: EncoderOutput, labels, num_views: int):
+def _ce(obj: "Objective", out: EncoderOutput, labels, layout: Layout):
     loss = cross_entropy(out.logits, labels, obj.label_smoothing)
     top1 = (out.logits.detach().argmax(1) == labels).float().mean()
     return loss, {"loss/ce": loss.detach(), "train_top1": top1, "spread/backbone": spread(out.logits)}
 
 
-def _supcon_family(obj: "Objective", out: EncoderOutput, labels, num_views: int):
-    """SupCon, SupCon-S, SelfCon, SelfCon-M: one supcon_loss over every (view, exit) column;
-    with loss.alpha, paper Eq. 7."""
+def _supcon_family(obj: "Objective", out: EncoderOutput, labels, layout: Layout):
+    """SupCon, SupCon-S, SelfCon, SelfCon-M, SimCLR: one supcon_loss over every (view, exit) column;
+    with loss.alpha, paper Eq. 7: backbone anchors contrast backbone features only (for the
+    self-supervised SelfCon, the rule of the paper's Appendix C.2)."""
     num_exits = len(out.projections)
-    features = stack_exits(out.projections, num_views)
+    features = stack_exits(out.projections, layout.views)
+    labels = labels if obj.method.labels else None
     columns = range(features.shape[1])
     backbone = [c for c in columns if c % num_exits == num_exits - 1]
     subnet = [c for c in columns if c % num_exits != num_exits - 1]
@@ -67,7 +81,7 @@ def _supcon_family(obj: "Objective", out: EncoderOutput, labels, num_views: int)
     return loss, {"loss": loss.detach(), **logs, **spreads}
 
 
-def _dsn(obj: "Objective", out: EncoderOutput, labels, num_views: int):
+def _dsn(obj: "Objective", out: EncoderOutput, labels, layout: Layout):
     """Deeply-supervised nets: CE(backbone classifier) + w * sum of CE(classifier of each exit)."""
     names = exit_names(len(out.features))
     per_exit = [cross_entropy(logits, labels, obj.label_smoothing) for logits in (*out.sub_logits, out.logits)]
@@ -78,20 +92,37 @@ def _dsn(obj: "Objective", out: EncoderOutput, labels, num_views: int):
                   **{f"spread/{n}": spread(l) for n, l in zip(names, (*out.sub_logits, out.logits))}}
 
 
-def _cds(obj: "Objective", out: EncoderOutput, labels, num_views: int):
+def _cds(obj: "Objective", out: EncoderOutput, labels, layout: Layout):
     """Contrastive deep supervision: CE(backbone classifier on view 1) + lambda * sum over exits of
     SupCon (SimCLR without labels) between the exit's two views. As the official code, the sum
     includes the backbone's own feature; the paper's equation sums the intermediate stages only."""
     batch = labels.shape[0]
     ce = cross_entropy(out.logits[:batch], labels, obj.label_smoothing)
     names = exit_names(len(out.projections))
-    contrast = [supcon_loss(z.unflatten(0, (num_views, batch)).transpose(0, 1), labels if obj.method.labels else None,
+    contrast = [supcon_loss(z.unflatten(0, (layout.views, batch)).transpose(0, 1), labels if obj.method.labels else None,
                             temperature=obj.temperature, base_temperature=obj.base_temperature)
                 for z in out.projections]
     loss = ce + obj.aux_weight * sum(contrast)
     logs = {"loss/ce": ce.detach(), **{f"loss/contrast/{n}": c.detach() for n, c in zip(names, contrast)}}
     logs["train_top1"] = (out.logits.detach()[:batch].argmax(1) == labels).float().mean()
     return loss, {"loss": loss.detach(), **logs, **{f"spread/{n}": spread(z) for n, z in zip(names, out.projections)}}
+
+
+def _mixco(obj: "Objective", out: EncoderOutput, labels, layout: Layout):
+    """MixCo on SimCLR: NT-Xent between the two views, plus mix_weight times the soft InfoNCE of each
+    view's mixes against the other view (target: lambda on the first source, 1 - lambda on the
+    second), averaged over the two views as the official code does."""
+    z = out.projections[-1]
+    batch, half = labels.shape[0], labels.shape[0] // 2
+    views, mixes = z[:2 * batch].unflatten(0, (2, batch)), z[2 * batch:].unflatten(0, (2, half))
+    base = supcon_loss(views.transpose(0, 1), None, temperature=obj.temperature,
+                       base_temperature=obj.base_temperature)
+    first = torch.arange(half, device=z.device)
+    mix = sum(mix_contrast_loss(mixes[v], views[1 - v], layout.mix_lambda[v], first, first + half,
+                                temperature=obj.mix_temperature) for v in (0, 1)) / 2
+    loss = base + obj.mix_weight * mix
+    return loss, {"loss": loss.detach(), "loss/ntxent": base.detach(), "loss/mix": mix.detach(),
+                  "spread/backbone": spread(z[:2 * batch])}
 
 
 _SUPCON = dict(loss=_supcon_family, contrastive=True, classifiers="none", evaluation="linear")
@@ -108,6 +139,14 @@ METHODS = {m.name: m for m in (
     Method("dsn", 1, True, _dsn, contrastive=False, classifiers="every_exit", evaluation="classifier",
            options=("aux_weight",), aux_weight=1.0,
            summary="DSN: 1 view, a cross-entropy classifier on every exit"),
+    Method("simclr", 2, False, **_SUPCON, labels=False, summary="SimCLR: NT-Xent between 2 views, no labels"),
+    Method("selfcon_su", 1, True, **_SUPCON, labels=False, options=("alpha",), alpha=1.0,
+           summary="SelfCon, self-supervised: 1 view, every exit, no backbone-anchor/sub-network pairs"),
+    Method("selfcon_mu", 2, True, **_SUPCON, labels=False, options=("alpha",), alpha=1.0,
+           summary="SelfCon-M, self-supervised: 2 views, every exit, no backbone-anchor/sub-network pairs"),
+    Method("mixco", 2, False, _mixco, contrastive=True, classifiers="none", evaluation="linear", labels=False,
+           mix=True, options=("mix_temperature", "mix_weight"),
+           summary="MixCo on SimCLR: NT-Xent plus a soft InfoNCE of mix-ups of the batch"),
     Method("cds", **_CDS, summary="CDS: 2 views, CE on the backbone + SupCon between the views at every exit"),
     Method("cds_ssl", **_CDS, labels=False,
            summary="CDS, self-supervised terms: CE on the backbone + SimCLR between the views at every exit"),
@@ -120,8 +159,14 @@ def get_method(name: str) -> Method:
     return METHODS[name]
 
 
-def build_batch(views: Sequence[torch.Tensor]) -> torch.Tensor:
-    """One forward batch from the loader's views: [B] for one view, [V*B] (view-major) for more."""
+def build_batch(views: Sequence[torch.Tensor], mix_lambda: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """One forward batch from the loader's views: [B] for one view, [V*B] (view-major) for more;
+    with ``mix_lambda [V, B/2]``, then per view ``lambda * x[:B/2] + (1 - lambda) * x[B/2:]`` ([V*3B/2]).
+    Mixing the normalised images is mixing the images: the normalisation is affine."""
+    if mix_lambda is not None:
+        half = views[0].shape[0] // 2
+        w = mix_lambda.to(views[0].dtype).view(len(views), -1, 1, 1, 1)
+        views = (*views, *(torch.lerp(x[half:2 * half], x[:half], w[v]) for v, x in enumerate(views)))
     return views[0] if len(views) == 1 else torch.cat(tuple(views), dim=0)
 
 
@@ -142,36 +187,58 @@ class Objective:
     label_smoothing: float = 0.0
     alpha: Optional[float] = None  # paper Eq. 7; needs a sub-network
     aux_weight: Optional[float] = None  # dsn: weight of each exit's CE; cds: lambda of each exit's contrast
+    mix_temperature: Optional[float] = None  # mixco: of the mix-up term (default: loss.temperature, as official)
+    mix_weight: Optional[float] = None  # mixco: of the mix-up term (default 1, as official)
 
     def __post_init__(self):
-        for option in ("alpha", "aux_weight"):
+        for option in ("alpha", "aux_weight", "mix_temperature", "mix_weight"):
             value = getattr(self, option)
             if value is not None and option not in self.method.options:
                 users = ", ".join(m.name for m in METHODS.values() if option in m.options)
                 raise ValueError(f"loss.{option}={value}: not read by method={self.method.name} (only by {users})")
             if value is not None and value < 0:
                 raise ValueError(f"loss.{option}={value} must be >= 0")
-        if self.aux_weight is None and self.method.aux_weight is not None:
-            object.__setattr__(self, "aux_weight", self.method.aux_weight)
+        defaults = dict(aux_weight=self.method.aux_weight, alpha=self.method.alpha)
+        if self.method.mix:
+            defaults.update(mix_temperature=self.temperature, mix_weight=1.0)
+            if self.mix_temperature == 0:
+                raise ValueError("loss.mix_temperature=0 must be positive")
+        for option, value in defaults.items():
+            if getattr(self, option) is None and value is not None:
+                object.__setattr__(self, option, value)
+        if self.alpha == 0 and not self.method.labels and self.method.num_views == 1:
+            raise ValueError(f"loss.alpha=0 leaves method={self.method.name} without a loss (one view, no labels: "
+                             f"only the sub-network term has positives)")
 
     def __call__(self, model, views: Sequence[torch.Tensor], labels: torch.Tensor):
         """The loss and what to log: the loss's terms and ``spread/<exit>``, the collapse metric of
         what the loss reads (projections; for cross-entropy, the logits)."""
         if len(views) != self.method.num_views:
             raise ValueError(f"{self.method.name} needs {self.method.num_views} view(s), got {len(views)}")
-        out = model(build_batch(views), project=self.method.contrastive)
-        return self.method.loss(self, out, labels, len(views))
+        layout = Layout(len(views))
+        if self.method.mix:
+            if views[0].shape[0] % 2:
+                raise ValueError(f"{self.method.name} mixes image i with i + B/2: needs an even batch per process, "
+                                 f"got {views[0].shape[0]}")
+            layout = Layout(len(views), torch.rand(len(views), views[0].shape[0] // 2, device=views[0].device))
+        out = model(build_batch(views, layout.mix_lambda), project=self.method.contrastive)
+        return self.method.loss(self, out, labels, layout)
 
     def loss_at_collapse(self, global_batch: int, num_exits: int) -> Optional[float]:
         """The loss when every feature is the same (None where a cross-entropy term makes it unknown)."""
+        views = self.method.num_views
+        if self.method.loss is _mixco:  # the soft InfoNCE of a uniform softmax over the batch: log(B)
+            return (collapse_value(global_batch * views, self.temperature, self.base_temperature)
+                    + self.mix_weight * math.log(global_batch))
         if self.method.loss is not _supcon_family:
             return None
-        views = self.method.num_views
         value = collapse_value(global_batch * views * num_exits, self.temperature, self.base_temperature)
         if self.alpha is None:
             return value
-        backbone = collapse_value(global_batch * views, self.temperature, self.base_temperature)
+        # backbone anchors have no positive with one view and no labels: that term is 0
+        has_positive = self.method.labels or views > 1
+        backbone = collapse_value(global_batch * views, self.temperature, self.base_temperature) if has_positive else 0
         return (backbone + self.alpha * value) / (1 + self.alpha)
 
 
-__all__ = ["METHODS", "Method", "Objective", "build_batch", "get_method", "stack_exits"]
+__all__ = ["METHODS", "Layout", "Method", "Objective", "build_batch", "get_method", "stack_exits"]

@@ -46,6 +46,8 @@ class LossConfig(_Strict):
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     alpha: Optional[float] = Field(None, ge=0)  # paper Eq. 7 interpolation
     aux_weight: Optional[float] = Field(None, ge=0)  # dsn: each exit's CE weight (1); cds: lambda (0.1)
+    mix_temperature: Optional[float] = Field(None, gt=0)  # mixco: the mix-up term's (default: temperature)
+    mix_weight: Optional[float] = Field(None, ge=0)  # mixco: the mix-up term's weight (1)
 
 
 class OptimConfig(_Strict):
@@ -164,7 +166,8 @@ class Recipe(_Strict):
 def objective(recipe: Recipe) -> Objective:
     loss = recipe.loss
     return Objective(METHODS[recipe.method], temperature=loss.temperature, base_temperature=loss.base_temperature,
-                     label_smoothing=loss.label_smoothing, alpha=loss.alpha, aux_weight=loss.aux_weight)
+                     label_smoothing=loss.label_smoothing, alpha=loss.alpha, aux_weight=loss.aux_weight,
+                     mix_temperature=loss.mix_temperature, mix_weight=loss.mix_weight)
 
 
 def apply_override(tree: dict, assignment: str) -> None:

@@ -30,7 +30,8 @@ Design choices (see DESIGN.md, ``loaders/``):
 * An epoch abandoned part-way (``break``) resumes where it stopped on the next ``iter()``:
   DALI iterators cannot be reset mid-epoch.
 * Colour (``augment="contrastive"``, official SupCon: ColorJitter(0.4, 0.4, 0.4, 0.1) with
-  p=0.8, RandomGrayscale p=0.2) is one ``fn.color_twist`` per view: jitter factors are
+  p=0.8, RandomGrayscale p=0.2; ``"simclr"``: ColorJitter(0.8, 0.8, 0.8, 0.2) and a Gaussian
+  blur, ``fn.gaussian_blur``, p=0.5) is one ``fn.color_twist`` per view: jitter factors are
   blended with identity by a coin flip, and grayscale is saturation 0 (luma = the same
   0.299/0.587/0.114 weights as torchvision). Differences from torchvision: a fixed op order
   (torchvision permutes the four ops), contrast pivots on mid-grey rather than the image's
@@ -51,7 +52,8 @@ from PIL import Image
 from torchvision import datasets
 
 from loaders import subset_indices
-from loaders.spec import DataConfig, LoaderError, LoaderRequest, output_dtype, require_path, to_device
+from loaders.spec import (BLUR_P, BLUR_SIGMA, COLOUR_STRENGTH, DataConfig, LoaderError, LoaderRequest, blur_kernel,
+                          output_dtype, require_path, to_device)
 
 try:
     from nvidia.dali import fn, pipeline_def, types
@@ -89,17 +91,26 @@ def scan(root: Path, key: str, threads: int) -> tuple[list[tuple[str, int]], lis
     return samples, folder.classes, [r for r in reports if r is not None]
 
 
-def _colour(images):
-    """SupCon's RandomApply(ColorJitter(.4, .4, .4, .1), p=.8) + RandomGrayscale(p=.2)."""
+def _colour(images, strength):
+    """RandomApply(ColorJitter(*strength), p=.8) + RandomGrayscale(p=.2)."""
     jitter = fn.random.coin_flip(probability=0.8)
     keep_colour = 1 - fn.random.coin_flip(probability=0.2)
+    brightness, contrast, saturation, hue = strength
 
     def factor(spread):
         return 1.0 + jitter * (fn.random.uniform(range=[1.0 - spread, 1.0 + spread]) - 1.0)
 
-    return fn.color_twist(images, brightness=factor(0.4), contrast=factor(0.4),
-                          saturation=factor(0.4) * keep_colour,
-                          hue=jitter * fn.random.uniform(range=[-36.0, 36.0]))  # 0.1 turn
+    return fn.color_twist(images, brightness=factor(brightness), contrast=factor(contrast),
+                          saturation=factor(saturation) * keep_colour,
+                          hue=jitter * fn.random.uniform(range=[-360.0 * hue, 360.0 * hue]))  # hue in turns
+
+
+def _blur(images, window: int):
+    """SimCLR's RandomApply(GaussianBlur(window, sigma 0.1-2), p=.5) without conditionals: a skipped
+    blur gets sigma 0.01, whose neighbour weights (e^-5000) leave every pixel as it was."""
+    blurred = fn.random.coin_flip(probability=BLUR_P)
+    sigma = blurred * fn.random.uniform(range=list(BLUR_SIGMA)) + (1 - blurred) * 0.01
+    return fn.gaussian_blur(images, window_size=window, sigma=sigma)
 
 
 @pipeline_def(enable_conditionals=False)
@@ -129,8 +140,10 @@ def _pipeline(files, labels, root, cfg, req, decode_device):
                 jpegs, random_area=list(cfg.crop_scale), random_aspect_ratio=list(cfg.crop_ratio),
                 num_attempts=10, **decoder_args)
             images = fn.resize(images, size=(size, size))
-            if augment == "contrastive":
-                images = _colour(images)
+            if augment in COLOUR_STRENGTH:
+                images = _colour(images, COLOUR_STRENGTH[augment])
+            if augment == "simclr" and blur_kernel(size) > 1:
+                images = _blur(images, blur_kernel(size))
             views.append(fn.crop_mirror_normalize(
                 images, mirror=fn.random.coin_flip(probability=0.5), **normalise))
     return (*views, label.gpu() if gpu else label)

@@ -181,6 +181,9 @@ def _open_beton(path: Path, key: str) -> Reader:
 class FFCVLoader:
     def __init__(self, cfg: DataConfig, req: LoaderRequest):
         key = f"data.{req.split}"
+        if "simclr" in req.augments:  # its blur is not among ffcv's ops; refused rather than left out
+            raise LoaderError("data.augment=simclr: the ffcv backend has no Gaussian blur; use loader=torchvision "
+                              "or loader=dali")
         reader = _open_beton(getattr(cfg, req.split), key)
         self.cfg, self.req, self.dtype = cfg, req, output_dtype(cfg)
         self.num_classes = int(reader.metadata["f1"].max()) + 1

@@ -19,7 +19,16 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-Augment = Literal["contrastive", "basic", "center"]
+Augment = Literal["contrastive", "simclr", "basic", "center"]
+# ColorJitter (brightness, contrast, saturation, hue) applied with p=0.8, then grayscale p=0.2:
+# SupCon/SelfCon's strength, and SimCLR's (which adds a Gaussian blur, see blur_kernel)
+COLOUR_STRENGTH = {"contrastive": (0.4, 0.4, 0.4, 0.1), "simclr": (0.8, 0.8, 0.8, 0.2)}
+BLUR_SIGMA, BLUR_P = (0.1, 2.0), 0.5
+
+
+def blur_kernel(image_size: int) -> int:
+    """SimCLR's blur window: 10% of the image side, odd (1, no blur, below 20 px)."""
+    return int(0.1 * image_size) // 2 * 2 + 1
 
 
 class LoaderError(Exception):
@@ -71,7 +80,7 @@ class DataConfig(_Strict):
     val_resize_ratio: float = Field(0.875, gt=0, le=1)  # validation: resize shorter side to size/ratio
     crop_scale: tuple[float, float] = (0.08, 1.0)
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    augment: Literal["contrastive", "basic"] = "contrastive"
+    augment: Literal["contrastive", "simclr", "basic"] = "contrastive"
     num_workers: int = Field(4, ge=0)
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD

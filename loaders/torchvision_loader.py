@@ -10,13 +10,15 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torchvision import datasets, transforms as T
 
 from loaders import shard, subset_indices
-from loaders.spec import DataConfig, LoaderError, LoaderRequest, output_dtype, require_path, to_device
+from loaders.spec import (BLUR_P, BLUR_SIGMA, COLOUR_STRENGTH, DataConfig, LoaderError, LoaderRequest, blur_kernel,
+                          output_dtype, require_path, to_device)
 
 log = logging.getLogger(__name__)
 
 
 def build_transform(cfg: DataConfig, augment: str) -> T.Compose:
-    """The official SupCon/SelfCon augmentations (contrastive), plain crop+flip (basic), or center crop."""
+    """The official SupCon/SelfCon augmentations (contrastive), SimCLR's (stronger colour and a blur),
+    plain crop+flip (basic), or center crop."""
     size = cfg.image_size
     tail = [T.ToTensor(), T.Normalize(cfg.mean, cfg.std)]
     if augment == "center":
@@ -24,7 +26,9 @@ def build_transform(cfg: DataConfig, augment: str) -> T.Compose:
     crop = [T.RandomResizedCrop(size, scale=cfg.crop_scale, ratio=cfg.crop_ratio), T.RandomHorizontalFlip()]
     if augment == "basic":
         return T.Compose([*crop, *tail])
-    color = [T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8), T.RandomGrayscale(p=0.2)]
+    color = [T.RandomApply([T.ColorJitter(*COLOUR_STRENGTH[augment])], p=0.8), T.RandomGrayscale(p=0.2)]
+    if augment == "simclr":
+        color.append(T.RandomApply([T.GaussianBlur(blur_kernel(size), BLUR_SIGMA)], p=BLUR_P))
     return T.Compose([*crop, *color, *tail])
 
 

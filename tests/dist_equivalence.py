@@ -1,15 +1,41 @@
 """Launched by test_run.py with 1 and with 2 processes: the loss and the gradients of one
-training step on the same global batch, written to OUT (by the main process)."""
+training step on the same global batch, written to OUT (by the main process).
+
+MixCo mixes within each process (image i with i + B/2 of the process's own batch), so one process
+and two do not make the same mixes; ``mixco`` compares its loss function instead: the same mixes,
+sources and lambdas laid out as two processes hold them, gradients with respect to the features."""
 import sys
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fasttrain.engine.trainer import build_model, make_accelerator  # noqa: E402
 from fasttrain.recipe import objective  # noqa: E402
 from fasttrain.methods import get_method  # noqa: E402
 from fasttrain.recipe import Recipe  # noqa: E402
+
+
+def mixco_loss(accelerator, out: str) -> None:
+    from fasttrain.losses import mix_contrast_loss
+    gen = torch.Generator().manual_seed(1)
+    contrast = F.normalize(torch.randn(12, 8, generator=gen), dim=1).requires_grad_()
+    mixed = F.normalize(torch.randn(6, 8, generator=gen), dim=1).requires_grad_()
+    lam = torch.rand(6, generator=gen)
+    # the two-process layout: process p holds contrast rows 6p..6p+5 and mixes 3p..3p+2 of its rows i, i + 3
+    first = torch.tensor([6 * (m // 3) + m % 3 for m in range(6)])
+    world, rank = accelerator.num_processes, accelerator.process_index
+    mix_rows, contrast_rows = slice(rank * 6 // world, (rank + 1) * 6 // world), slice(rank * 12 // world,
+                                                                                          (rank + 1) * 12 // world)
+    local_first = first[mix_rows] - rank * 12 // world
+    loss = mix_contrast_loss(mixed[mix_rows], contrast[contrast_rows], lam[mix_rows], local_first, local_first + 3,
+                             temperature=0.5)
+    loss.backward()
+    grads = {n: accelerator.reduce(t.grad, reduction="mean") for n, t in (("mixed", mixed), ("contrast", contrast))}
+    loss = accelerator.reduce(loss.detach(), reduction="mean")
+    if accelerator.is_main_process:
+        torch.save({"loss": loss.item(), "grads": grads}, out)
 
 
 def main(method_name: str, out: str) -> None:
@@ -20,6 +46,8 @@ def main(method_name: str, out: str) -> None:
                                     "train": {"precision": "fp32", "channels_last": False},
                                     "run": {"dir": str(Path(out).parent / "run")}})
     accelerator = make_accelerator(recipe, log_with=())
+    if method_name == "mixco":
+        return mixco_loss(accelerator, out)
     method = get_method(method_name)
     torch.manual_seed(0)
     model = build_model(recipe, method, num_classes=10)

@@ -24,10 +24,10 @@ def _outputs(folder: Path, stem: str) -> dict:
 def test_step_cost_tiny(tmp_path, capsys):
     out = tmp_path / "step_cost"
     rc = step_cost.main(["--arch", "resnet18", "--batch-size", "4", "--image-size", "32", "--warmup", "1",
-                         "--steps", "2", "--methods", "ce,supcon,selfcon,cds", "--threads", "1", "--out", str(out)])
+                         "--steps", "2", "--methods", "ce,supcon,selfcon,cds,mixco", "--threads", "1", "--out", str(out)])
     assert rc == 0
     data = _outputs(out, "step_cost")
-    assert [r["method"] for r in data["methods"]] == ["ce", "supcon", "selfcon", "cds"]
+    assert [r["method"] for r in data["methods"]] == ["ce", "supcon", "selfcon", "cds", "mixco"]
     for row in data["methods"]:
         _positive(row, ["num_views", "step_time_median_s", "images_per_second", "peak_memory_bytes",
                         "batch_size", "image_size", "memory_ratio_to_selfcon", "time_ratio_to_selfcon",
@@ -35,7 +35,8 @@ def test_step_cost_tiny(tmp_path, capsys):
         assert row["step_time_iqr_s"] >= 0 and len(row["step_times_s"]) == 2
         assert row["memory_kind"] and row["device"] == "cpu" and row["arch"] == "resnet18"
         assert row["precision"] == "bf16" and isinstance(row["uses_subnetwork"], bool)
-    ce, supcon, selfcon, cds = data["methods"]
+    ce, supcon, selfcon, cds, mixco = data["methods"]
+    assert (mixco["forward_images_per_image"], supcon["forward_images_per_image"]) == (3, 2)
     assert (cds["num_views"], cds["exits"], cds["exit_kind"]) == (2, ["layer1", "layer2", "layer3"], "sepconv")
     assert cds["paper_time_ratio"] is None and cds["time_ratio_to_selfcon"] > 0
     assert ce["paper_time_ratio"] is None and ce["memory_ratio_to_selfcon"] > 0

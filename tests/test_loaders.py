@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import PALETTE, colour_folder, identities, rgb
-from loaders import DataConfig, LoaderRequest, build_loader, subset_indices
+from loaders import DataConfig, LoaderError, LoaderRequest, build_loader, subset_indices
 
 BACKENDS = ["torchvision", "dali", "ffcv"]
 
@@ -76,3 +76,47 @@ def test_a_per_view_augmentation_needs_one_entry_per_view():
         LoaderRequest(split="train", batch_size=2, augment=("basic",), num_views=2)
     with pytest.raises(ValueError, match="one training augmentation per view"):
         LoaderRequest(split="train", batch_size=2, augment=("basic", "center"), num_views=2)
+
+
+def _roughness(views: torch.Tensor) -> torch.Tensor:
+    """Per image: mean |pixel - right neighbour| / std, unchanged by brightness and contrast, lowered by a blur."""
+    step = (views[..., 1:] - views[..., :-1]).abs().mean(dim=(1, 2, 3))
+    return step / views.std(dim=(1, 2, 3))
+
+
+@pytest.fixture(scope="module")
+def noise_folder(tmp_path_factory):
+    from PIL import Image
+    root = tmp_path_factory.mktemp("noise") / "images"
+    gen = np.random.default_rng(0)
+    for c in range(2):
+        (root / f"c{c}").mkdir(parents=True)
+        for i in range(12):
+            pixels = gen.integers(0, 256, (40, 40, 3), dtype=np.uint8).repeat(2, 0).repeat(2, 1)
+            Image.fromarray(pixels).save(root / f"c{c}" / f"{i}.jpg", quality=95)
+    return root
+
+
+@pytest.mark.parametrize("backend", ["torchvision", "dali"])
+def test_simclr_augmentation_blurs_about_half_the_views(noise_folder, backend):
+    """SimCLR's blur (p=0.5, window 10% of 80 px = 9, sigma 0.1-2): on noise images the blurred views
+    are much smoother than any unblurred one; the contrastive augmentation (no blur) never is."""
+    pytest.importorskip({"dali": "nvidia.dali"}.get(backend, "torch"))
+    rough = {}
+    for augment in ("contrastive", "simclr"):
+        cfg = DataConfig(train=noise_folder, image_size=80, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0),
+                         num_workers=1 if backend == "dali" else 0)
+        loader = build_loader(backend, cfg, LoaderRequest(split="train", batch_size=24, augment=augment,
+                                                          num_views=2, seed=1))
+        views, _ = next(iter(loader))
+        rough[augment] = _roughness(torch.cat(views).float())
+    sharp = rough["contrastive"].min()
+    blurred = (rough["simclr"] < 0.8 * sharp).float().mean()
+    assert 0.25 <= blurred <= 0.75, (rough, blurred)
+
+
+def test_ffcv_refuses_the_simclr_augmentation(sources):
+    pytest.importorskip("ffcv")
+    cfg = DataConfig(train=sources["ffcv"], image_size=16, num_workers=1, augment="simclr")
+    with pytest.raises(LoaderError, match="data.augment=simclr: the ffcv backend has no Gaussian blur"):
+        build_loader("ffcv", cfg, LoaderRequest(split="train", batch_size=4, augment="simclr"))

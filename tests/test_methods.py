@@ -42,7 +42,8 @@ def method_model(name, **model):
 
 
 @pytest.mark.parametrize("name,rows", [("ce", 8), ("supcon", 16), ("supcon_s", 8), ("selfcon", 8), ("selfcon_m", 16),
-                                       ("dsn", 8), ("cds", 16), ("cds_ssl", 16)])
+                                       ("dsn", 8), ("cds", 16), ("cds_ssl", 16), ("simclr", 16), ("selfcon_su", 8),
+                                       ("selfcon_mu", 16), ("mixco", 24)])
 def test_one_forward_of_the_right_size_per_method(name, rows):
     method = get_method(name)
     model = method_model(name)
@@ -94,8 +95,8 @@ def test_alpha_needs_a_subnetwork():
 
 
 def test_unknown_method_and_wrong_view_count():
-    with pytest.raises(ValueError, match="method='simclr'"):
-        get_method("simclr")
+    with pytest.raises(ValueError, match="method='byol'"):
+        get_method("byol")
     with pytest.raises(ValueError, match="needs 2 view"):
         Objective(get_method("supcon"))(tiny_model(exits=()), (torch.randn(2, 3, 8, 8),), torch.zeros(2).long())
 
