@@ -2,9 +2,18 @@
 
     python -m benchmarks.train_throughput --data /tmp/photos --arch resnet18 --backends synthetic,torchvision,dali,ffcv
 
-Each backend runs ``fasttrain.engine.trainer.train`` in its own fresh process: one epoch of
---steps steps (train.max_steps_per_epoch), no linear evaluation, the run directory in a temporary
-folder. images/s is the TrainResult's (the trainer's Throughput: steps after the first two).
+Each backend runs ``fasttrain.engine.trainer.train`` in its own fresh process: --skip steps left
+out, then at least --steps timed steps (as many epochs as that takes; the clock stops at epoch
+ends), no linear evaluation, the run directory in a temporary folder. images/s is the
+TrainResult's (the trainer's Throughput, ``monitor.throughput_skip_steps`` = --skip).
+
+Prefetch: a loader holds batches decoded before the timed window opens (torchvision: workers x
+prefetch factor 4, DALI: its queue of 2, ffcv: 3 batches ahead). The default --skip is 3 warm-up
+steps plus that depth, so the queue has been drained once when the clock starts; the timed
+window may still consume at most one queue of batches decoded before it, which overstates the
+loader's rate by at most depth / timed steps: reported as ``prefetch_bias_bound`` (the default 40
+timed steps keep it at <= 20% for 2 torchvision workers, <= 8% for DALI and ffcv; raise --steps on
+a GPU, where steps are cheap).
 ``synthetic`` makes random images on the device (no decoding, no copy): the trainer's upper
 bound. ratio = backend images/s / synthetic images/s; 1 - ratio is the share of the step the
 loader costs (decoding that the step waits for, or CPU taken from the step).
@@ -34,7 +43,9 @@ def parse_args(argv=None):
     p.add_argument("--method", default="selfcon")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--image-size", type=int, default=224)
-    p.add_argument("--steps", type=int, default=10, help="training steps (images/s counts those after the 2nd)")
+    p.add_argument("--steps", type=int, default=40, help="timed training steps (after --skip)")
+    p.add_argument("--skip", type=int, default=None, help="steps left out before the clock starts (default: 3 "
+                   "warm-up steps + the loader's prefetch depth)")
     p.add_argument("--precision", choices=("bf16", "fp16", "fp32"), default="bf16")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                    help="the recipes' default (on)")
@@ -48,11 +59,12 @@ def parse_args(argv=None):
     p.add_argument("--backend", help=argparse.SUPPRESS)
     p.add_argument("--source", type=Path, help=argparse.SUPPRESS)  # what the backend reads (.beton for ffcv)
     p.add_argument("--num-classes", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--images", type=int, help=argparse.SUPPRESS)  # images in --data
     p.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.backends = [b.strip() for b in args.backends.split(",") if b.strip()]
-    if args.steps < 3:
-        p.error("--steps must be >= 3 (the trainer's images/s leaves out the first two)")
+    if args.steps < 1:
+        p.error("--steps must be >= 1")
     if not args.worker and not args.data.is_dir():
         p.error(f"--data: no such directory: {args.data}")
     args.out = args.out or Path("benchmarks/results") / f"train_throughput_{args.arch}"
@@ -63,6 +75,10 @@ def num_classes(folder: Path) -> int:
     return sum(1 for p in Path(folder).iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
+def count_images(folder: Path) -> int:
+    return sum(1 for p in Path(folder).glob("*/*") if p.is_file() and not p.name.startswith("."))
+
+
 # ---------------------------------------------------------------- one backend, in its own process
 
 
@@ -70,27 +86,35 @@ def measure(args) -> dict:
     import torch
 
     from fasttrain.engine.trainer import make_accelerator, train
-    from loaders import LoaderError
+    from loaders import DataConfig, LoaderError, prefetch_batches
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    row = {"backend": args.backend, "arch": args.arch, "method": args.method, "batch_size": args.batch_size,
-           "image_size": args.image_size, "steps": args.steps, "precision": args.precision,
-           "channels_last": args.channels_last, "workers": args.workers}
     synthetic = args.backend == "synthetic"
+    depth = prefetch_batches(args.backend, DataConfig(num_workers=args.workers))
+    skip = 3 + depth if args.skip is None else args.skip
+    total = skip + args.steps
+    per_epoch = total if synthetic else args.images // args.batch_size
+    epochs = -(-total // per_epoch)
+    row = {"backend": args.backend, "arch": args.arch, "method": args.method, "batch_size": args.batch_size,
+           "image_size": args.image_size, "precision": args.precision, "channels_last": args.channels_last,
+           "workers": args.workers, "prefetch_batches": depth, "skipped_steps": skip,
+           "timed_steps": epochs * min(per_epoch, total) - skip, "epochs": epochs}
+    row["prefetch_bias_bound"] = depth / row["timed_steps"]
     with tempfile.TemporaryDirectory(prefix="train-throughput-") as run_dir:
         recipe = recipe_for({
             "method": args.method, "loader": args.backend, "model": {"arch": args.arch, "exits": ["layer2"]},
             "data": {"train": None if synthetic else str(args.source), "image_size": args.image_size,
                      "num_workers": args.workers, "augment": "contrastive", "crop_scale": [0.2, 1.0],
                      # synthetic: as many classes as the folder, enough samples for every step
-                     **({"num_classes": args.num_classes, "synthetic_samples": args.batch_size * args.steps}
+                     **({"num_classes": args.num_classes, "synthetic_samples": args.batch_size * total}
                         if synthetic else {})},
             "train": {"batch_size": args.batch_size, "precision": args.precision, "channels_last": args.channels_last,
-                      "max_steps_per_epoch": args.steps, "log_every": args.steps},
-            "schedule": {"epochs": 1, "warmup_epochs": 0},
+                      "max_steps_per_epoch": min(per_epoch, total), "log_every": min(per_epoch, total)},
+            "schedule": {"epochs": epochs, "warmup_epochs": 0},
             "linear_eval": {"enabled": False},
-            "monitor": {"knn_every": 0},  # the epoch-end k-NN is evaluation, not training throughput
+            # the epoch-end k-NN is evaluation, not training throughput
+            "monitor": {"knn_every": 0, "throughput_skip_steps": skip},
             "run": {"dir": run_dir, "resume": "never"},
         })
         accelerator = make_accelerator(recipe, log_with=())
@@ -109,32 +133,36 @@ def measure(args) -> dict:
 
 def worker_args(args, backend: str, source: Path, classes: int) -> list:
     out = ["--data", args.data, "--backend", backend, "--source", source, "--num-classes", classes,
-           "--arch", args.arch, "--method", args.method, "--batch-size", args.batch_size,
-           "--image-size", args.image_size, "--steps", args.steps, "--precision", args.precision,
-           "--channels-last" if args.channels_last else "--no-channels-last", "--workers", args.workers]
-    return out + (["--threads", args.threads] if args.threads else [])
+           "--images", count_images(args.data), "--arch", args.arch, "--method", args.method,
+           "--batch-size", args.batch_size, "--image-size", args.image_size, "--steps", args.steps,
+           "--precision", args.precision, "--channels-last" if args.channels_last else "--no-channels-last",
+           "--workers", args.workers]
+    return out + (["--threads", args.threads] if args.threads else []) + \
+        (["--skip", args.skip] if args.skip is not None else [])
 
 
 # ---------------------------------------------------------------- the report
 
 
 def table(rows: list[dict], args) -> str:
-    header = ["Backend", "images/s", "× synthetic", "loader share of the step", "peak memory [MiB]", "notes"]
+    header = ["Backend", "images/s", "× synthetic", "loader share of the step", "skipped + timed steps",
+              "prefetch bias bound", "peak memory [MiB]", "notes"]
     body = []
     for r in rows:
         if not r.get("available"):
-            body.append([r["backend"], "unavailable", None, None, None, (r.get("reason") or "")[:160]])
+            body.append([r["backend"], "unavailable", None, None, None, None, None, (r.get("reason") or "")[:160]])
             continue
         ratio = r.get("ratio_to_synthetic")
         body.append([r["backend"], f"{r['images_per_second']:.1f}", None if ratio is None else f"×{ratio:.2f}",
                      None if ratio is None else f"{max(0.0, 1 - ratio):.0%}",
+                     f"{r['skipped_steps']} + {r['timed_steps']}", f"{r['prefetch_bias_bound']:.0%}",
                      f"{r['peak_memory_bytes'] / 2**20:.0f}", None])
     ok = [r for r in rows if r.get("available")]
     device = ok[0]["device"] if ok else "?"
     kind = ok[0]["memory_kind"] if ok else "?"
     title = (f"Trainer throughput, {args.method} / {args.arch}, batch {args.batch_size}, {args.image_size}px, "
              f"{args.precision}{', channels_last' if args.channels_last else ''}, device {device}, "
-             f"{args.workers} loader workers, {args.steps} steps (images/s over steps 3..{args.steps}); "
+             f"{args.workers} loader workers, >= {args.steps} timed steps after warm-up and prefetch; "
              f"data {args.data}. Memory: {kind}.")
     return title + "\n\n" + markdown_table(header, body) + "\n"
 
@@ -168,7 +196,7 @@ def main(argv=None) -> int:
         r["ratio_to_synthetic"] = (r["images_per_second"] / base["images_per_second"]
                                    if base and r.get("available") else None)
     text = table(rows, args)
-    write_report(args.out, "train_throughput", args, rows, text, worker_only=("backend", "source", "num_classes"))
+    write_report(args.out, "train_throughput", args, rows, text, worker_only=("backend", "source", "num_classes", "images"))
     names = [r["backend"] for r in rows]
     bar_chart(args.out / "train_throughput.png", [
         {"title": "Trainer images/s", "ylabel": "images / s", "categories": names, "fmt": "%.1f",

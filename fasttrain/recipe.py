@@ -115,6 +115,8 @@ class MonitorConfig(_Strict):
     collapse_threshold: float = Field(0.1, ge=0)  # spread (std of normalised projections x sqrt(dim)) below: collapse
     collapse_patience: int = Field(100, gt=0)  # steps a run may sit collapsed before the warning (or the stop)
     on_collapse: Literal["warn", "stop"] = "warn"
+    # steps left out of the run's images/s: compilation, warm-up, and batches the loader decoded ahead
+    throughput_skip_steps: int = Field(2, ge=0)
 
 
 TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "trackio", "swanlab")

@@ -33,6 +33,17 @@ def build_loader(backend: str, cfg: DataConfig, req: LoaderRequest) -> Loader:
     return module.build(cfg, req)
 
 
+# batches a backend decodes ahead of the step: torchvision per worker, DALI's queue, ffcv's batches_ahead
+TORCHVISION_PREFETCH_FACTOR, DALI_QUEUE_DEPTH, FFCV_BATCHES_AHEAD = 4, 2, 3
+
+
+def prefetch_batches(backend: str, cfg: DataConfig) -> int:
+    """How many batches the backend can hold ready before training asks: a throughput measured over
+    fewer steps than this (after start-up) measures start-up decoding, not the loader's rate."""
+    return {"torchvision": cfg.num_workers * TORCHVISION_PREFETCH_FACTOR, "dali": DALI_QUEUE_DEPTH,
+            "ffcv": FFCV_BATCHES_AHEAD}.get(backend, 0)
+
+
 # what each backend reads from a split's path: an image folder, a .beton file, nothing
 SOURCES = {"torchvision": "dir", "ffcv": "file", "dali": "dir", "synthetic": None}
 
@@ -57,4 +68,4 @@ def subset_indices(num_items: int, subset: Optional[int], seed: int) -> np.ndarr
 
 
 __all__ = ["BACKENDS", "SOURCES", "DataConfig", "Loader", "LoaderError", "LoaderRequest", "build_loader",
-           "check_split", "shard", "subset_indices"]
+           "check_split", "prefetch_batches", "shard", "subset_indices"]

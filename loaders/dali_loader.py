@@ -51,7 +51,7 @@ import torch
 from PIL import Image
 from torchvision import datasets
 
-from loaders import subset_indices
+from loaders import DALI_QUEUE_DEPTH, subset_indices
 from loaders.spec import (BLUR_P, BLUR_SIGMA, COLOUR_STRENGTH, DataConfig, LoaderError, LoaderRequest, blur_kernel,
                           output_dtype, require_path, to_device)
 
@@ -185,6 +185,7 @@ class DALILoader:
         pipe = _pipeline(
             self.files, self.labels, root, cfg, req, "mixed" if cuda else "cpu",
             batch_size=batch, num_threads=max(1, cfg.num_workers), device_id=device_id,
+            prefetch_queue_depth=DALI_QUEUE_DEPTH,
             seed=(req.seed * 65537 + rank) % 2**31)  # augmentations differ between ranks
         pipe.build()
         center = req.augment == "center"

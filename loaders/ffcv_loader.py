@@ -51,7 +51,7 @@ from ffcv.transforms import NormalizeImage, RandomHorizontalFlip, ToDevice, ToTe
 
 torch.set_num_threads(_TORCH_THREADS)
 
-from loaders import shard, subset_indices
+from loaders import FFCV_BATCHES_AHEAD, shard, subset_indices
 from loaders.spec import DataConfig, LoaderError, LoaderRequest, on_device, output_dtype, require_path, to_device
 
 log = logging.getLogger(__name__)
@@ -226,6 +226,7 @@ class FFCVLoader:
         torch_threads = torch.get_num_threads()
         try:
             self._loader = _FFCVLoader(str(reader.file_name), batch_size=req.batch_size, num_workers=threads,
+                                       batches_ahead=FFCV_BATCHES_AHEAD,
                                        os_cache=cfg.ffcv.os_cache, order=order, distributed=distributed,
                                        seed=req.seed, indices=indices, pipelines=pipelines,
                                        drop_last=req.training)

@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torchvision import datasets, transforms as T
 
-from loaders import shard, subset_indices
+from loaders import TORCHVISION_PREFETCH_FACTOR, shard, subset_indices
 from loaders.spec import (BLUR_P, BLUR_SIGMA, COLOUR_STRENGTH, DataConfig, LoaderError, LoaderRequest, blur_kernel,
                           output_dtype, require_path, to_device)
 
@@ -110,7 +110,7 @@ class TorchvisionLoader:
             source, batch_size=req.batch_size, sampler=sampler, shuffle=False, drop_last=req.training,
             num_workers=cfg.num_workers, collate_fn=_collate, pin_memory=req.device.type == "cuda",
             generator=self.generator,
-            persistent_workers=cfg.num_workers > 0, prefetch_factor=4 if cfg.num_workers > 0 else None)
+            persistent_workers=cfg.num_workers > 0, prefetch_factor=TORCHVISION_PREFETCH_FACTOR if cfg.num_workers > 0 else None)
         self.num_samples = len(self.loader) * req.batch_size if req.training else len(source)
 
     def __len__(self) -> int:

@@ -108,8 +108,11 @@ def test_train_throughput_tiny(tmp_path):
     assert [r["backend"] for r in results] == ["synthetic", "torchvision"]
     for row in results:
         assert row["available"] is True and row["memory_kind"]
-        _positive(row, ["images_per_second", "ratio_to_synthetic", "updates", "batch_size", "steps",
+        _positive(row, ["images_per_second", "ratio_to_synthetic", "updates", "batch_size", "timed_steps",
                         "train_wall_seconds"])
+        # 3 warm-up steps (no workers: nothing prefetched), then >= 3 timed: 16 images of batch 4 take 2 epochs
+        assert (row["prefetch_batches"], row["skipped_steps"]) == (0, 3)
+        assert row["timed_steps"] == row["updates"] - 3 >= 3
         assert row["peak_memory_bytes"] >= 0
     assert results[0]["ratio_to_synthetic"] == 1.0
 

@@ -120,3 +120,10 @@ def test_ffcv_refuses_the_simclr_augmentation(sources):
     cfg = DataConfig(train=sources["ffcv"], image_size=16, num_workers=1, augment="simclr")
     with pytest.raises(LoaderError, match="data.augment=simclr: the ffcv backend has no Gaussian blur"):
         build_loader("ffcv", cfg, LoaderRequest(split="train", batch_size=4, augment="simclr"))
+
+
+def test_prefetch_depth_per_backend():
+    """What the throughput benchmark skips before timing: the batches each backend decodes ahead."""
+    from loaders import prefetch_batches
+    cfg = DataConfig(num_workers=2)
+    assert [prefetch_batches(b, cfg) for b in ("torchvision", "dali", "ffcv", "synthetic")] == [8, 2, 3, 0]

@@ -203,7 +203,8 @@ def train(recipe: Recipe, accelerator: Accelerator) -> TrainResult:
 
     _start_trackers(recipe, accelerator)
     metrics = MetricsFile(run_dir, main, resume_step=updates if updates else None)
-    speed, memory = Throughput(accelerator.device), PeakMemory(accelerator.device)
+    speed = Throughput(accelerator.device, skip=recipe.monitor.throughput_skip_steps)
+    memory = PeakMemory(accelerator.device)
     memory.reset()
     images_per_step = batch * accelerator.num_processes
     watch = CollapseWatch(recipe.monitor.collapse_threshold, recipe.monitor.collapse_patience,
