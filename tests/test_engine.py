@@ -127,3 +127,19 @@ def test_device_constants_are_built_once_per_device():
     assert _jitter_range((0.4, 0.4, 0.4, 0.1), cpu)[0] is _jitter_range((0.4, 0.4, 0.4, 0.1), cpu)[0]
     constant = torch.arange(3)
     assert on_device(constant, cpu) is on_device(constant, cpu)
+
+
+def test_peak_memory_samples_the_whole_cuda_device(monkeypatch):
+    """On a GPU the comparable number across loaders is the device's used memory (DALI's pool is
+    outside torch's allocator): the maximum of total - free over the samples; nothing on CPU."""
+    from fasttrain.engine.metrics import PeakMemory
+    readings = iter([(70, 100), (40, 100), (55, 100)])
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: next(readings))
+    memory = PeakMemory(torch.device("cuda", 0))
+    for _ in range(3):
+        memory.sample()
+    assert memory.device_peak == 60
+    cpu = PeakMemory(torch.device("cpu"))
+    cpu.reset()
+    cpu.sample()
+    assert cpu.device_peak is None

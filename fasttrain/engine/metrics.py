@@ -13,18 +13,30 @@ import torch
 
 class PeakMemory:
     """Peak memory of a phase: CUDA's max_memory_allocated on GPU; on CPU the peak resident set
-    above the resident set at ``reset()`` (Linux resets VmHWM through /proc/self/clear_refs)."""
+    above the resident set at ``reset()`` (Linux resets VmHWM through /proc/self/clear_refs).
+
+    On a GPU, PyTorch's allocator does not see DALI's memory pool nor the DALI outputs it hands over
+    zero-copy, nor nvJPEG's buffers: ``sample()`` (called at logged steps) keeps the peak of the whole
+    device's used memory (``torch.cuda.mem_get_info``: every allocator, the CUDA context, and any
+    other process on that GPU), the number to compare across loader backends."""
 
     def __init__(self, device: torch.device):
         self.device = device
         self.kind = "cuda_max_memory_allocated" if device.type == "cuda" else "cpu_peak_rss_above_baseline"
         self.baseline = 0
+        self.device_peak: Optional[int] = None  # CUDA: the whole device's used bytes, at the samples
+
+    def sample(self) -> None:
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            self.device_peak = max(self.device_peak or 0, total - free)
 
     def reset(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
-            self.baseline = 0
+            self.baseline, self.device_peak = 0, None
+            self.sample()
             return
         try:
             Path("/proc/self/clear_refs").write_text("5")

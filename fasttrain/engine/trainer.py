@@ -164,6 +164,7 @@ class TrainResult:
     images_per_second: Optional[float]
     peak_memory_bytes: int
     peak_memory_kind: str
+    device_memory_bytes: Optional[int]  # CUDA: the whole device's peak used memory (every allocator)
     skipped_images: int
     nonfinite_steps: int  # updates skipped for a NaN/Inf loss
     knn: list[dict]  # per evaluated epoch: {"epoch", <exit>: top-1 %, ..., "ensemble"}
@@ -253,6 +254,7 @@ def train(recipe: Recipe, accelerator: Accelerator) -> TrainResult:
                         spreads = "/".join(f"{row[k]:.2f}" for k in sorted(row) if k.startswith("spread/"))
                         bar.set_postfix(loss=f"{row['loss']:.4f}", spread=spreads, lr=f"{step.lr:.3g}",
                                         img_s=f"{row.get('images_per_second') or 0:.0f}")
+                        memory.sample()
                         accelerator.log(row, step=step.updates)
                         metrics.write({"kind": "train", "epoch": epoch + 1, "step": step.updates, **row})
                         watch(row, step.updates)
@@ -275,7 +277,8 @@ def train(recipe: Recipe, accelerator: Accelerator) -> TrainResult:
                 knn_after(epoch + 1)
     accelerator.wait_for_everyone()
     return TrainResult(_plain(accelerator, model), method, recipe.schedule.epochs, step.updates,
-                       speed.images_per_second, memory.peak_bytes(), memory.kind, len(loader.skipped),
+                       speed.images_per_second, memory.peak_bytes(), memory.kind, memory.device_peak,
+                       len(loader.skipped),
                        step.nonfinite_steps, knn_curve)
 
 
