@@ -87,7 +87,7 @@ def test_sepconv_exits_double_channels_stage_by_stage_up_to_the_backbone_width(a
 
 
 @pytest.mark.parametrize("override,names", [
-    ("loss.alpha=0.5", "loss.alpha=0.5: not read by method=cds (only by selfcon, selfcon_m)"),
+    ("loss.alpha=0.5", "loss.alpha=0.5: not read by method=cds (only by selfcon, selfcon_m, selfcon_su, selfcon_mu)"),
     ("method=selfcon loss.aux_weight=0.1", "loss.aux_weight=0.1: not read by method=selfcon"),
     ("schedule.milestones=[]", "schedule.kind=step needs schedule.milestones"),
     ("schedule.kind=cosine", "schedule.milestones=[90, 180, 280]: read only with schedule.kind=step"),
