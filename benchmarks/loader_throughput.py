@@ -8,7 +8,7 @@ split with the contrastive augmentation (SupCon's crop, flip, colour jitter, gra
 the next --batches batches are timed (the epoch restarts when it runs out). Batches land on the
 training device (GPU when there is one, where the clock stops only after a synchronize).
 images/s counts images, not crops: a two-view batch of B images holds 2B crops (torchvision
-decodes an image once and crops it twice; DALI and FFCV decode once per view).
+decodes an image once and crops it twice; DALI as ``--dali-decode`` says; FFCV decodes once per view).
 
 FFCV reads a .beton: --data is converted first with ``loaders.ffcv_convert.convert`` into
 --beton-dir (kept, and reused by train_throughput, while newer than the folder). A backend that
@@ -41,6 +41,8 @@ def parse_args(argv=None):
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--batches", type=int, default=20, help="timed batches")
     p.add_argument("--warmup", type=int, default=1, help="batches drawn before timing")
+    p.add_argument("--dali-decode", choices=("once", "per_view"), default="once",
+                   help="data.dali.decode: two views from one decode, or one fused crop-decode per view")
     p.add_argument("--timeout", type=float, default=900, help="seconds allowed per measurement")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/loaders"))
     p.add_argument("--beton-dir", type=Path, default=Path("benchmarks/results/tmp"),
@@ -75,9 +77,10 @@ def measure(args) -> dict:
 
     device = training_device()
     row = {"backend": args.backend, "num_views": args.num_views, "batch_size": args.batch_size,
-           "workers": args.workers, "image_size": args.image_size, "device": str(device)}
+           "workers": args.workers, "image_size": args.image_size, "device": str(device),
+           "dali_decode": args.dali_decode if args.backend == "dali" else None}
     cfg = DataConfig(train=args.source, image_size=args.image_size, num_workers=args.workers, augment="contrastive",
-                     crop_scale=CROP_SCALE)
+                     crop_scale=CROP_SCALE, dali={"decode": args.dali_decode})
     req = LoaderRequest(split="train", batch_size=args.batch_size, augment="contrastive", num_views=args.num_views,
                         device=device, seed=0)
     start = time.perf_counter()
@@ -133,7 +136,7 @@ def measure(args) -> dict:
 def worker_args(args, backend: str, source: Path, views: int) -> list:
     return ["--data", args.data, "--backend", backend, "--source", source, "--num-views", views,
             "--workers", args.workers, "--batch-size", args.batch_size, "--image-size", args.image_size,
-            "--batches", args.batches, "--warmup", args.warmup]
+            "--batches", args.batches, "--warmup", args.warmup, "--dali-decode", args.dali_decode]
 
 
 # ---------------------------------------------------------------- the report

@@ -36,7 +36,9 @@ Design choices (see DESIGN.md, ``loaders/``):
   0.299/0.587/0.114 weights as torchvision). Differences from torchvision: a fixed op order
   (torchvision permutes the four ops), contrast pivots on mid-grey rather than the image's
   mean grey, hue is a rotation in YIQ space, and one clamp at the end.
-* Two views: one read, two independent ``image_random_crop`` decodes of the same bytes.
+* Two views: one read; ``data.dali.decode: once`` decodes each JPEG once and takes two
+  independent ``random_resized_crop`` of it (solo-learn's layout), ``per_view`` runs two fused
+  ``image_random_crop`` decodes of the same bytes (each decodes only its crop's region).
 """
 from __future__ import annotations
 
@@ -135,11 +137,15 @@ def _pipeline(files, labels, root, cfg, req, decode_device):
         images = fn.resize(images, resize_shorter=int(round(size / cfg.val_resize_ratio)))
         views.append(fn.crop_mirror_normalize(images, crop=(size, size), **normalise))
     else:
+        crop = dict(random_area=list(cfg.crop_scale), random_aspect_ratio=list(cfg.crop_ratio), num_attempts=10)
+        decoded = None
+        if len(req.augments) > 1 and cfg.dali.decode == "once":
+            decoded = fn.decoders.image(jpegs, **decoder_args)
         for augment in req.augments:
-            images = fn.decoders.image_random_crop(
-                jpegs, random_area=list(cfg.crop_scale), random_aspect_ratio=list(cfg.crop_ratio),
-                num_attempts=10, **decoder_args)
-            images = fn.resize(images, size=(size, size))
+            if decoded is not None:
+                images = fn.random_resized_crop(decoded, size=(size, size), **crop)
+            else:
+                images = fn.resize(fn.decoders.image_random_crop(jpegs, **crop, **decoder_args), size=(size, size))
             if augment in COLOUR_STRENGTH:
                 images = _colour(images, COLOUR_STRENGTH[augment])
             if augment == "simclr" and blur_kernel(size) > 1:

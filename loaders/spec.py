@@ -44,6 +44,12 @@ class FFCVOptions(_Strict):
     os_cache: bool = True
 
 
+class DALIOptions(_Strict):
+    # two views: decode each JPEG once and crop it per view (solo-learn), or one fused random-crop
+    # decode per view (nvJPEG/libjpeg-turbo decode only the crop's region, twice)
+    decode: Literal["once", "per_view"] = "once"
+
+
 class ProgressiveResizing(_Strict):
     """ffcv-imagenet's resolution ramp: min_size until start_epoch, linear to max_size at end_epoch."""
 
@@ -88,6 +94,7 @@ class DataConfig(_Strict):
     num_classes: Optional[int] = Field(None, gt=0)  # synthetic data only; real data counts its folders
     synthetic_samples: int = Field(4096, gt=0)
     ffcv: FFCVOptions = FFCVOptions()
+    dali: DALIOptions = DALIOptions()
     progressive: Optional[ProgressiveResizing] = None
 
     @model_validator(mode="after")

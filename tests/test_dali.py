@@ -63,13 +63,16 @@ def test_constant_image_comes_out_normalised(tmp_path, augment, split):
     assert sorted(identities(views[0])) == list(range(8))
 
 
-def test_two_views_differ_and_colour_augmentation_applies(tmp_path):
+@pytest.mark.parametrize("decode", ["once", "per_view"])
+def test_two_views_differ_and_colour_augmentation_applies(tmp_path, decode):
     root = make_image_folder(tmp_path / "img", classes=2, per_class=4)
-    (a, b), _ = next(iter(dali(root, "train", "contrastive", batch_size=8, num_views=2)))
+    cfg = cfg_for(root, dali={"decode": decode})
+    (a, b), _ = next(iter(dali(root, "train", "contrastive", batch_size=8, num_views=2, cfg=cfg)))
     assert ((a - b).abs().flatten(1).mean(1) > 0.05).all()  # every pair differs
     # on constant images only the colour ops can change a pixel; grayscale shows as R = G = B
     flat = colour_folder(tmp_path / "flat", [24], distinct=False)
-    (a, b), _ = next(iter(dali(flat, "train", "contrastive", batch_size=24, num_views=2)))
+    cfg = cfg_for(flat, dali={"decode": decode})
+    (a, b), _ = next(iter(dali(flat, "train", "contrastive", batch_size=24, num_views=2, cfg=cfg)))
     (c,), _ = next(iter(dali(flat, "train", "basic", batch_size=24)))
     assert identities(c) == [25] * 24  # basic leaves colours alone
     moved = [(p - torch.tensor(PALETTE[25])).abs().max() > 8 for p in rgb(torch.cat([a, b])).mean(dim=(2, 3))]

@@ -253,8 +253,11 @@ def test_no_readable_image_in_a_worker_is_one_line(tmp_path, data):
 
 
 def test_ctrl_c_during_start_up_is_one_line(tmp_path, data):
+    # SIGINT as a terminal gives it: a shell without job control starts background commands (CI run
+    # with `&`) with SIGINT ignored, and Python keeps an ignored SIGINT ignored
     proc = subprocess.Popen([PYTHON, "fasttrain/run.py", str(write_recipe(tmp_path, data))], cwd=REPO, env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     time.sleep(1.0)  # inside the imports of torch, accelerate and pydantic
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
