@@ -159,8 +159,7 @@ def measure(args, method_name: str) -> dict:
     stats = summarize(times)
     return {
         "method": method.name, "num_views": method.num_views, "uses_subnetwork": method.uses_subnetwork,
-        # images through the encoder per image of the batch: the views, and MixCo's B/2 mixes per view
-        "forward_images_per_image": method.num_views * (1.5 if method.mix else 1),
+        "forward_images_per_image": method.forward_images_per_image,
         "step_time_median_s": stats["median"], "step_time_iqr_s": stats["iqr"],
         "step_time_min_s": stats["min"], "step_time_max_s": stats["max"],
         "images_per_second": batch * accelerator.num_processes / stats["median"],

@@ -48,6 +48,12 @@ class Method:
     views: Optional[tuple[str, ...]] = None  # each view's augmentation; None: data.augment for every view
     mix: bool = False  # the batch builder appends mix-ups of each view (MixCo)
 
+    @property
+    def forward_images_per_image(self) -> float:
+        """Images through the encoder per image of the batch (build_batch): the views, and for
+        mix-up the B/2 mixes of each view."""
+        return self.num_views * (1.5 if self.mix else 1)
+
 
 def _ce(obj: "Objective", out: EncoderOutput, labels, layout: Layout):
     loss = cross_entropy(out.logits, labels, obj.label_smoothing)
@@ -61,7 +67,7 @@ def _supcon_family(obj: "Objective", out: EncoderOutput, labels, layout: Layout)
     self-supervised SelfCon, the rule of the paper's Appendix C.2)."""
     num_exits = len(out.projections)
     features = stack_exits(out.projections, layout.views)
-    labels = labels if obj.method.labels else None
+    labels = obj.contrast_labels(labels)
     columns = range(features.shape[1])
     backbone = [c for c in columns if c % num_exits == num_exits - 1]
     subnet = [c for c in columns if c % num_exits != num_exits - 1]
@@ -99,7 +105,7 @@ def _cds(obj: "Objective", out: EncoderOutput, labels, layout: Layout):
     batch = labels.shape[0]
     ce = cross_entropy(out.logits[:batch], labels, obj.label_smoothing)
     names = exit_names(len(out.projections))
-    contrast = [supcon_loss(z.unflatten(0, (layout.views, batch)).transpose(0, 1), labels if obj.method.labels else None,
+    contrast = [supcon_loss(z.unflatten(0, (layout.views, batch)).transpose(0, 1), obj.contrast_labels(labels),
                             temperature=obj.temperature, base_temperature=obj.base_temperature)
                 for z in out.projections]
     loss = ce + obj.aux_weight * sum(contrast)
@@ -223,6 +229,10 @@ class Objective:
             layout = Layout(len(views), torch.rand(len(views), views[0].shape[0] // 2, device=views[0].device))
         out = model(build_batch(views, layout.mix_lambda), project=self.method.contrastive)
         return self.method.loss(self, out, labels, layout)
+
+    def contrast_labels(self, labels: torch.Tensor) -> Optional[torch.Tensor]:
+        """The labels a contrastive term may read: none for a self-supervised method."""
+        return labels if self.method.labels else None
 
     def loss_at_collapse(self, global_batch: int, num_exits: int) -> Optional[float]:
         """The loss when every feature is the same (None where a cross-entropy term makes it unknown)."""
