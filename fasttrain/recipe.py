@@ -32,6 +32,7 @@ class ModelConfig(_Strict):
     stem: Literal["imagenet", "cifar"] = "imagenet"
     exits: list[Literal[EXIT_POINTS]] = ["layer2"]  # used only by methods with a sub-network
     exit_kind: Literal[EXIT_KINDS] = "fc"
+    width: int = Field(64, gt=0)  # channels of the stem and layer1 (torchvision's 64); stage i has width * 2**i
     proj_dim: int = Field(128, gt=0)
     # projection head: Linear-BN-ReLU-Linear (default: the official Linear-ReLU-Linear, `mlp`, collapses on
     # small data, see the README's "Collapse"), or `linear`

@@ -17,6 +17,34 @@ def test_backbone_is_torchvisions_resnet_without_fc(arch):
     assert param_count(model.backbone_parameters()) == expected
 
 
+def test_backbone_loads_torchvisions_weights_and_computes_its_features():
+    reference = torchvision.models.resnet18().eval()
+    model = build_encoder("resnet18", exits=[]).eval()
+    renamed = {"stem.0.weight": "conv1.weight", **{f"stem.1.{k}": f"bn1.{k}" for k in
+                                                   ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")}}
+    state = {name: reference.state_dict()[renamed.get(name, name)] for name in model.state_dict()
+             if not name.startswith("heads.")}
+    model.load_state_dict(state, strict=False)
+    x = torch.randn(2, 3, 64, 64)
+    trunk = torch.nn.Sequential(*list(reference.children())[:-1])
+    with torch.no_grad():
+        assert torch.allclose(model(x).features[-1], trunk(x).flatten(1), atol=1e-5)
+
+
+@pytest.mark.parametrize("exit_kind", ["fc", "small", "sepconv"])
+def test_width_scales_every_stage_and_exit(exit_kind):
+    model = build_encoder("resnet18", stem="cifar", exits=["layer1", "layer2"], exit_kind=exit_kind, width=16)
+    out = model(torch.randn(2, 3, 16, 16))
+    assert model.stem(torch.randn(1, 3, 16, 16)).shape[1] == 16 and model.feature_dim == 128
+    assert [tuple(f.shape) for f in out.features] == [(2, 128)] * 3
+    full = build_encoder("resnet18", exits=[])
+    half = build_encoder("resnet18", exits=[], width=32)
+    ratio = param_count(half.backbone_parameters()) / param_count(full.backbone_parameters())
+    assert 0.24 < ratio < 0.26  # convolutions scale with width squared
+    with pytest.raises(ValueError, match="width=0"):
+        build_encoder("resnet18", width=0)
+
+
 @pytest.mark.parametrize("kind", ["fc", "small", "same"])
 @pytest.mark.parametrize("exit_point", ["layer1", "layer2", "layer3"])
 def test_exit_shapes(kind, exit_point):

@@ -88,7 +88,7 @@ def build_model(recipe: Recipe, method: Method, num_classes: int) -> MultiExitRe
     m = recipe.model
     classes = num_classes if method.classifiers != "none" else None
     return build_encoder(m.arch, stem=m.stem, exits=m.exits if method.uses_subnetwork else (),
-                         exit_kind=m.exit_kind, proj_dim=m.proj_dim, head=m.head,
+                         exit_kind=m.exit_kind, proj_dim=m.proj_dim, head=m.head, width=m.width,
                          zero_init_residual=m.zero_init_residual, num_classes=classes,
                          exit_classifiers=bool(classes) and method.classifiers == "every_exit")
 

@@ -2,8 +2,9 @@
 after intermediate stages T, an L2-normalised projection head on every exit, and classifiers on the
 backbone or on every exit when a method trains them (``ce``; ``dsn``, ``cds``).
 
-The backbone is torchvision's ResNet (its blocks, widths and init); the sub-networks reuse
-torchvision's BasicBlock/Bottleneck. One forward runs the shared trunk once and returns every exit.
+The backbone is torchvision's ResNet (its blocks, layout and init; at the default width of 64 it
+loads torchvision's weights), with the width free; the sub-networks reuse torchvision's
+BasicBlock/Bottleneck. One forward runs the shared trunk once and returns every exit.
 """
 from __future__ import annotations
 
@@ -103,34 +104,33 @@ def sep_conv(in_channels: int, out_channels: int) -> nn.Sequential:
                          nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
 
 
-def build_subnetwork(arch: str, exit_point: str, kind: str) -> nn.Sequential:
+def build_subnetwork(arch: str, exit_point: str, kind: str, width: int = 64) -> nn.Sequential:
     """G: maps the output of stage `exit_point` to a pooled feature of the backbone's width.
     ``fc``: pool + Linear; ``small``/``same``: half/all the blocks of the remaining stages (SelfCon);
     ``sepconv``: one separable block per remaining stage, each halving the resolution and doubling
     the channels (CDS)."""
     block, depths = ARCHS[arch]
     start = STAGES.index(exit_point)
-    in_channels = 64 * 2 ** start * block.expansion
-    width = 512 * block.expansion
+    channels = [width * 2 ** i * block.expansion for i in range(start, len(STAGES))]
     if kind == "fc":
-        return nn.Sequential(*_pool(), nn.Linear(in_channels, width))
+        return nn.Sequential(*_pool(), nn.Linear(channels[0], channels[-1]))
     if kind == "sepconv":
-        channels = [64 * 2 ** i * block.expansion for i in range(start, len(STAGES))]
         return nn.Sequential(*(sep_conv(a, b) for a, b in zip(channels, channels[1:])), *_pool())
-    stages, inplanes = [], in_channels
+    stages, inplanes = [], channels[0]
     for index in range(start + 1, len(STAGES)):
         blocks = depths[index] if kind == "same" else max(1, depths[index] // 2)
-        stages.append(_make_stage(block, inplanes, 64 * 2 ** index, blocks, stride=2))
-        inplanes = 64 * 2 ** index * block.expansion
+        stages.append(_make_stage(block, inplanes, width * 2 ** index, blocks, stride=2))
+        inplanes = width * 2 ** index * block.expansion
     return nn.Sequential(*stages, *_pool())
 
 
 class MultiExitResNet(nn.Module):
     def __init__(self, arch: str = "resnet50", *, stem: str = "imagenet", exits: Sequence[str] = ("layer2",),
-                 exit_kind: str = "fc", proj_dim: int = 128, head: str = "mlp_bn",
+                 exit_kind: str = "fc", proj_dim: int = 128, head: str = "mlp_bn", width: int = 64,
                  num_classes: Optional[int] = None, exit_classifiers: bool = False, zero_init_residual: bool = False):
         """``num_classes``: a classifier on the backbone feature; with ``exit_classifiers``, one on
-        every sub-network feature as well (deep supervision)."""
+        every sub-network feature as well (deep supervision). ``width``: channels of the stem and the
+        first stage (torchvision's 64; stage i has width * 2**i), every layer scaled alike."""
         super().__init__()
         _check("arch", arch, ARCHS)
         _check("stem", stem, STEMS)
@@ -141,23 +141,28 @@ class MultiExitResNet(nn.Module):
             raise ValueError(f"exits={list(exits)}: an exit point is listed twice")
         if proj_dim <= 0:
             raise ValueError(f"proj_dim={proj_dim} must be positive")
+        if width <= 0:
+            raise ValueError(f"width={width} must be positive")
         if num_classes is not None and num_classes <= 0:
             raise ValueError(f"num_classes={num_classes} must be positive")
         if exit_classifiers and not num_classes:
             raise ValueError("exit_classifiers needs num_classes")
         block, depths = ARCHS[arch]
-        net = tv.ResNet(block, list(depths), zero_init_residual=zero_init_residual)
-        if stem == "cifar":  # small images: 3x3 stride-1 conv, no max-pool (as the official code)
-            net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
-            nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
-            net.maxpool = nn.Identity()
         self.arch, self.exit_points = arch, tuple(sorted(exits, key=STAGES.index))
-        self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
-        self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
+        # torchvision's ResNet layout (its blocks, as ResNet.__init__ assembles them) with a free width;
+        # the small-image stem is a 3x3 stride-1 conv without max-pool (as the official code)
+        conv1 = nn.Conv2d(3, width, kernel_size=3, stride=1, padding=1, bias=False) if stem == "cifar" \
+            else nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
+        maxpool = nn.Identity() if stem == "cifar" else nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.stem = nn.Sequential(conv1, nn.BatchNorm2d(width), nn.ReLU(inplace=True), maxpool)
+        inplanes = width
+        for index, name in enumerate(STAGES):
+            setattr(self, name, _make_stage(block, inplanes, width * 2 ** index, depths[index], 1 if index == 0 else 2))
+            inplanes = width * 2 ** index * block.expansion
         self.pool = _pool()
-        self.feature_dim = 512 * block.expansion
-        self.subnetworks = nn.ModuleDict({p: build_subnetwork(arch, p, exit_kind) for p in self.exit_points})
-        init_like_torchvision(self.subnetworks, zero_init_residual)
+        self.feature_dim = inplanes
+        self.subnetworks = nn.ModuleDict({p: build_subnetwork(arch, p, exit_kind, width) for p in self.exit_points})
+        init_like_torchvision(self, zero_init_residual)
         self.heads = nn.ModuleList(ProjectionHead(self.feature_dim, proj_dim, head) for _ in range(self.num_exits))
         self.classifier = nn.Linear(self.feature_dim, num_classes) if num_classes else None
         self.exit_classifiers = nn.ModuleList(nn.Linear(self.feature_dim, num_classes) for _ in self.exit_points) \
