@@ -24,5 +24,6 @@ setup(
         "dali": ["nvidia-dali-cuda130"],  # the CUDA 13 build, as torch 2.14.1's (CUDA-12 DALI needs CUDA-12 NPP/cuFFT)
         "dev": ["pytest>=8", "scikit-learn"],
         "wandb": ["wandb"],  # run.trackers: [wandb]
+        "analysis": ["torchcam>=0.5", "scikit-learn"],  # fasttrain.analysis.pictures: Grad-CAM, t-SNE
     },
 )

@@ -120,7 +120,7 @@ def run(recipe: Recipe, eval_only: str | None = None, random_init: bool = False,
         state = checkpoint.load(path, "--eval-only")
         trained_recipe = checkpoint.recipe_of(state)
         method = get_method(state["method"])
-        model = build_model(trained_recipe, method, num_classes=_num_classes(state))
+        model = build_model(trained_recipe, method, num_classes=checkpoint.num_classes(state))
         checkpoint.load_weights(model, state, f"--eval-only: {path}")
     elif random_init:
         from accelerate.utils import set_seed
@@ -203,11 +203,6 @@ def prepare_run_dir(run_dir: Path) -> None:
     if not os.access(run_dir, os.W_OK | os.X_OK):
         raise RecipeError(f"run.dir={run_dir}: not writable")
     sweep_stale_temps(run_dir)
-
-
-def _num_classes(state: dict):
-    weight = state["model"].get("classifier.weight")
-    return None if weight is None else weight.shape[0]
 
 
 def format_table(results: dict) -> str:

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Sets up a fresh machine for fasttrain: system packages, a virtual environment in .venv with the
-# pinned torch/torchvision, and the project with its extras (ffcv, dali, dev, wandb). Safe to run again.
+# pinned torch/torchvision, and the project with its extras (ffcv, dali, dev, wandb, analysis). Safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PY=${PYTHON:-python3.11}
-EXTRAS=${FASTTRAIN_EXTRAS:-dev,ffcv,dali,wandb}
+EXTRAS=${FASTTRAIN_EXTRAS:-dev,ffcv,dali,wandb,analysis}
 # build deps of ffcv; the demo's data; real photographs for the loader benchmarks and their test
 APT_PKGS="pkg-config libopencv-dev libturbojpeg0-dev dataset-fashion-mnist lomiri-wallpapers-16.04"
 

@@ -107,6 +107,12 @@ def recipe_of(state: dict):
     return Recipe.model_validate(tree)
 
 
+def num_classes(state: dict):
+    """The classes of the classifier the checkpoint's model was trained with; None without one."""
+    weight = state["model"].get("classifier.weight")
+    return None if weight is None else weight.shape[0]
+
+
 def load_weights(model: torch.nn.Module, state: dict, what: str) -> None:
     """The checkpoint's weights into ``model``; a model of another shape is one RecipeError line."""
     from fasttrain.recipe import RecipeError
