@@ -35,17 +35,16 @@ METHODS = ("supcon", "selfcon_m")
 
 
 class BackboneOnly(nn.Module):
-    """The encoder as SupCon sees it: only the backbone exit (the sub-networks are not run)."""
+    """The encoder as SupCon sees it: only the backbone exit reaches the loss (the sub-networks'
+    outputs are dropped, so no gradient flows through them)."""
 
     def __init__(self, encoder: MultiExitResNet):
         super().__init__()
         self.encoder = encoder
 
     def forward(self, x, project: bool = True) -> EncoderOutput:
-        e = self.encoder
-        x = e.layer4(e.layer3(e.layer2(e.layer1(e.stem(x)))))
-        feature = e.pool(x)
-        return EncoderOutput([feature], [e.heads[-1](feature)] if project else [], None, [])
+        out = self.encoder(x, project)
+        return EncoderOutput(out.features[-1:], out.projections[-1:], out.logits, [])
 
 
 def backbone_blocks(model: MultiExitResNet) -> dict[str, nn.Module]:
