@@ -73,5 +73,15 @@ def fresh_accelerator_state():
 
 
 @pytest.fixture
+def one_thread():
+    """Many small matmuls (critics, tiny models) run no faster on two threads; one leaves the other
+    core to whatever else the machine runs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def image_folder(tmp_path):
     return make_image_folder(tmp_path / "images")

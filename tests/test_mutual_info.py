@@ -13,13 +13,7 @@ from fasttrain.analysis.mutual_info import (ESTIMATORS, correlated_gaussians, do
                                             gaussian_mi, infonce, nwj)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Critic training is many small matmuls: one thread keeps a test run from crowding other work."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_gaussian_mi_closed_form():
