@@ -10,6 +10,11 @@ training device (GPU when there is one, where the clock stops only after a synch
 images/s counts images, not crops: a two-view batch of B images holds 2B crops (torchvision
 decodes an image once and crops it twice; DALI as ``--dali-decode`` says; FFCV decodes once per view).
 
+Every backend is also reported as a fraction of the **ceiling**: the fastest decode + random-resized-
+crop of the same files with the same number of workers (``benchmarks/decode_ceiling.py``: PIL, PIL
+with DCT-domain downscaling, torchvision's decode_jpeg, DALI's fused crop-decode), measured first
+in its own process (``--no-ceiling`` leaves it out).
+
 FFCV reads a .beton: --data is converted first with ``loaders.ffcv_convert.convert`` into
 --beton-dir (kept, and reused by train_throughput, while newer than the folder). A backend that
 cannot run here (not installed, LoaderError, a crash) is recorded as unavailable with the reason.
@@ -24,7 +29,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import (backend_source, bar_chart, markdown_table, summarize,  # noqa: E402
+from benchmarks.common import (backend_source, bar_chart, markdown_table, run_worker, summarize,  # noqa: E402
                                training_device, worker_row, write_json, write_report)
 
 BACKENDS = ("torchvision", "dali", "ffcv")
@@ -44,6 +49,8 @@ def parse_args(argv=None):
     p.add_argument("--dali-decode", choices=("once", "per_view"), default="once",
                    help="data.dali.decode: two views from one decode, or one fused crop-decode per view")
     p.add_argument("--timeout", type=float, default=900, help="seconds allowed per measurement")
+    p.add_argument("--no-ceiling", dest="ceiling", action="store_false",
+                   help="skip the decode + crop ceiling (benchmarks/decode_ceiling.py)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/loaders"))
     p.add_argument("--beton-dir", type=Path, default=Path("benchmarks/results/tmp"),
                    help="where --data is converted for ffcv (reused while newer than the folder; git-ignored)")
@@ -142,13 +149,26 @@ def worker_args(args, backend: str, source: Path, views: int) -> list:
 # ---------------------------------------------------------------- the report
 
 
-def table(rows: list[dict], args) -> str:
+def ceiling_rate(ceiling: dict, views: int):
+    entry = (ceiling or {}).get("ceiling", {}).get(str(views))
+    return entry["images_per_second"] if entry else None
+
+
+def table(rows: list[dict], args, ceiling: dict) -> str:
     by = {(r["backend"], r["num_views"]): r for r in rows}
     header = ["Backend"]
     for v in args.views:
-        header += [f"{v} view{'s' if v > 1 else ''}: images/s", f"{v}v: × torchvision"]
+        header += [f"{v} view{'s' if v > 1 else ''}: images/s", f"{v}v: × torchvision", f"{v}v: / ceiling"]
     header += ["notes"]
     body = []
+    if ceiling and "error" not in ceiling:
+        line = ["ceiling"]
+        for v in args.views:
+            best = ceiling["ceiling"][str(v)]
+            line += [f"{best['images_per_second']:.1f}", None, f"1.00 ({best['method']})"]
+        others = "; ".join(f"{name} " + "/".join(f"{rate:.0f}" for rate in r.values())
+                           for name, r in ceiling["candidates"].items())
+        body.append(line + [f"decode + crop only; candidates ({'/'.join(map(str, args.views))} views): {others}"])
     for backend in args.backends:
         line, notes = [backend], []
         for v in args.views:
@@ -162,6 +182,7 @@ def table(rows: list[dict], args) -> str:
                         f"{r['batch_time_iqr_s']:.3f})")
             ok = ref is not None and ref.get("available")
             line.append(f"×{r['images_per_second'] / ref['images_per_second']:.2f}" if ok else None)
+            line.append(f"{r['fraction_of_ceiling']:.2f}" if r.get("fraction_of_ceiling") else None)
         if any(r.get("conversion_seconds") for r in rows if r["backend"] == backend):
             notes.append(f"converted in {max(r.get('conversion_seconds') or 0 for r in rows):.0f} s (not timed)")
         body.append(line + ["; ".join(notes)[:160] or None])
@@ -181,6 +202,16 @@ def main(argv=None) -> int:
         write_json(args.result, measure(args))
         return 0
     args.out.mkdir(parents=True, exist_ok=True)
+    ceiling = None
+    if args.ceiling:
+        ceiling = run_worker("benchmarks.decode_ceiling", [
+            "--data", args.data, "--image-size", args.image_size, "--views", ",".join(map(str, args.views)),
+            "--workers", args.workers, "--batch-size", args.batch_size,
+            "--images", (args.warmup + args.batches) * args.batch_size], timeout=args.timeout)
+        for v in args.views:
+            rate = ceiling_rate(ceiling, v)
+            print(f"[loaders] ceiling     {v} view(s): " + (f"{rate:8.1f} images/s ({ceiling['ceiling'][str(v)]['method']})"
+                                                             if rate else f"unavailable ({ceiling.get('error')})"), flush=True)
     rows = []
     for backend in args.backends:
         source, conversion, reason = backend_source(backend, args.data, args.beton_dir)
@@ -192,18 +223,25 @@ def main(argv=None) -> int:
             row = worker_row("benchmarks.loader_throughput", worker_args(args, backend, source, views),
                              timeout=args.timeout)
             row.update(backend=backend, num_views=views, conversion_seconds=conversion)
+            if row["available"] and ceiling_rate(ceiling, views):
+                row["fraction_of_ceiling"] = row["images_per_second"] / ceiling_rate(ceiling, views)
             rows.append(row)
             if row["available"]:
                 print(f"[loaders] {backend:<11} {views} view(s): {row['images_per_second']:8.1f} images/s "
                       f"({row['crops_per_second']:.1f} crops/s)", flush=True)
             else:
                 print(f"[loaders] {backend:<11} {views} view(s): unavailable ({row['reason']})", flush=True)
-    text = table(rows, args)
+    text = table(rows, args, ceiling)
     write_report(args.out, "loader_throughput", args, rows, text, worker_only=("backend", "source", "num_views"))
+    if ceiling is not None:
+        write_json(args.out / "decode_ceiling.json", ceiling)
     by = {(r["backend"], r["num_views"]): r for r in rows}
+    for v in args.views:
+        by[("ceiling", v)] = {"images_per_second": ceiling_rate(ceiling, v)}
+    categories = (["ceiling"] if args.ceiling else []) + args.backends
     bar_chart(args.out / "loader_throughput.png", [{
-        "title": "Loader throughput (images/s)", "ylabel": "images / s", "categories": args.backends, "fmt": "%.0f",
-        "series": {f"{v} view{'s' if v > 1 else ''}": [by[(b, v)].get("images_per_second") for b in args.backends]
+        "title": "Loader throughput (images/s)", "ylabel": "images / s", "categories": categories, "fmt": "%.0f",
+        "series": {f"{v} view{'s' if v > 1 else ''}": [by[(b, v)].get("images_per_second") for b in categories]
                    for v in args.views}}],
         title=f"{args.data.name}: batch {args.batch_size}, {args.image_size}px, {args.workers} workers, "
               f"{rows[0].get('device', '') if rows else ''}")

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import loader_throughput, loss_scaling, make_photo_folder, step_cost, train_throughput
+from benchmarks import decode_ceiling, loader_throughput, loss_scaling, make_photo_folder, step_cost, train_throughput
 from conftest import make_image_folder  # noqa: E402
 
 
@@ -86,6 +86,37 @@ def test_loader_throughput_tiny(tmp_path):
                         "image_size", "timed_batches", "build_seconds", "dataset_images"])
         assert row["view_shape"] == [4, 3, 32, 32]
     assert results[1]["crops_per_second"] == pytest.approx(2 * results[1]["images_per_second"])
+    ceiling = json.loads((out / "decode_ceiling.json").read_text())
+    assert set(ceiling["candidates"]) | set(ceiling["unavailable"]) == set(decode_ceiling.CANDIDATES)
+    for row in results:
+        best = ceiling["ceiling"][str(row["num_views"])]
+        assert best["method"] in ceiling["candidates"]
+        assert row["fraction_of_ceiling"] == pytest.approx(row["images_per_second"] / best["images_per_second"])
+    assert "| ceiling |" in (out / "loader_throughput.md").read_text()
+
+
+def test_dct_downscaled_crops_match_full_decodes(tmp_path):
+    """PIL's draft decodes at 1/2-1/8 size; the crops it gives must be the full decode's crops (same
+    boxes: same seed), up to the resampling difference, and keep the output size."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:480, 0:640]
+    smooth = np.stack([(x / 640 * 255), (y / 480 * 255), ((x + y) % 256)], axis=-1).astype(np.uint8)
+    Image.fromarray(smooth).save(tmp_path / "a.jpg", quality=95)
+    path = str(tmp_path / "a.jpg")
+    full = decode_ceiling.decode_and_crop(path, "pil", 32, 2, np.random.default_rng(1))
+    draft = decode_ceiling.decode_and_crop(path, "pil_draft", 32, 2, np.random.default_rng(1))
+    tensor = decode_ceiling.decode_and_crop(path, "decode_jpeg", 32, 2, np.random.default_rng(1))
+    for a, b, t in zip(full, draft, tensor):
+        assert a.shape == b.shape == (32, 32, 3) and tuple(t.shape) == (3, 32, 32)
+        assert np.abs(a.astype(float) - b).mean() < 6
+        assert np.abs(a.astype(float) - t.permute(1, 2, 0).numpy()).mean() < 6
+    boxes = decode_ceiling.crop_boxes(640, 480, 3, rng)
+    request = decode_ceiling.draft_request(640, 480, boxes, 32)
+    scale = min(640 / request[0], 480 / request[1])  # the largest reduction draft may pick
+    assert all(h / scale >= 32 - 1e-6 and w / scale >= 32 - 1e-6 for _, _, h, w in boxes)
 
 
 def test_loader_throughput_records_an_unavailable_backend(tmp_path):
