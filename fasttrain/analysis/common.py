@@ -1,14 +1,17 @@
 """What every analysis tool shares: a trained encoder from a checkpoint, a few evaluation batches,
-the one-line error handling of ``run.py``, and where the outputs go."""
+the one-line error handling of ``run.py``; JSON and PNG files are written as the trainer writes its
+results (``write_json``) and as the benchmarks write their figures (``save_png``): under a temp name,
+renamed when complete."""
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Callable, Iterator, NamedTuple, Optional
 
 import torch
 
+from fasttrain.engine.faults import save_figure as save_png  # noqa: F401  (re-exported for the tools)
+from fasttrain.engine.trainer import write_results as write_json  # noqa: F401
 from fasttrain.methods import Method, get_method
 from fasttrain.models import MultiExitResNet
 from fasttrain.recipe import Recipe, RecipeError
@@ -59,12 +62,6 @@ def eval_batches(recipe: Recipe, split: str, images: Optional[int] = None,
         yield views[0].contiguous(), labels
 
 
-def write_json(path: Path, payload: dict) -> None:
-    from fasttrain.engine.faults import write_bytes
-
-    write_bytes(path, (json.dumps(payload, indent=2) + "\n").encode())
-
-
 def main_with_one_line_errors(main: Callable[[], int], prog: str) -> int:
     """Run ``main``; a user error (bad path, recipe key, unreadable image) is one line and exit 2."""
     from loaders import LoaderError
@@ -87,12 +84,3 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
-
-
-def save_png(fig, path: Path, dpi: int = 110) -> None:
-    """Write ``fig`` under a temp name and rename it (a stopped tool leaves no half picture); close it."""
-    from fasttrain.engine.faults import replacing
-
-    with replacing(path) as tmp:
-        fig.savefig(tmp, dpi=dpi, format="png")
-    pyplot().close(fig)

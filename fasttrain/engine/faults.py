@@ -134,6 +134,16 @@ def write_bytes(path: Path, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
+def save_figure(fig, path: Path, dpi: int = 110) -> None:
+    """A matplotlib figure as PNG under a temp name, renamed when complete; the figure is closed."""
+    import matplotlib.pyplot as plt
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with replacing(Path(path)) as tmp:
+        fig.savefig(tmp, dpi=dpi, format="png")
+    plt.close(fig)
+
+
 def sweep_stale_temps(directory: Path, name: str = "*") -> list[Path]:
     """Remove ``.NAME.tmp-PID`` files in ``directory`` whose writer process no longer runs."""
     removed = []
