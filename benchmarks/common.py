@@ -103,6 +103,15 @@ def atomic_write(path: Path, text: str | bytes) -> None:
     write_bytes(path, text if isinstance(text, bytes) else text.encode())
 
 
+def shown(path: Path) -> str:
+    """A path as results print it: relative to the working directory when it lies under it."""
+    path = Path(path)
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
 def write_json(path: Path, data) -> None:
     atomic_write(path, json.dumps(data, indent=2, default=str) + "\n")
 
@@ -111,7 +120,7 @@ def write_report(out: Path, name: str, args, rows: list[dict], text: str, *, wor
                  rows_key: str = "results") -> None:
     """``out/<name>.json`` (config = the CLI arguments less the worker-only ones, environment, rows)
     and ``out/<name>.md`` (the table)."""
-    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+    config = {k: (shown(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
               if k not in ("worker", "result", *worker_only)}
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / f"{name}.json", {"benchmark": name, "config": config, "environment": environment(),
@@ -154,6 +163,32 @@ def bar_chart(path: Path, panels: Sequence[dict], title: str = "") -> None:
             ax.legend(fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def parts_chart(path: Path, rows: Sequence[dict], label: str, title: str = "") -> None:
+    """One stacked horizontal bar per row: ms per step of each part (``fasttrain.engine.profiling.PARTS``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from fasttrain.engine.profiling import PARTS
+
+    fig, ax = plt.subplots(figsize=(10, 0.5 * len(rows) + 1.8))
+    names = [str(r[label]) for r in rows]
+    left = [0.0] * len(rows)
+    for part in PARTS:
+        values = [r["parts"][part] for r in rows]
+        if any(values):
+            ax.barh(names, values, left=left, label=part)
+            left = [a + b for a, b in zip(left, values)]
+    ax.invert_yaxis()
+    ax.set_xlabel("ms per step")
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    if title:
+        ax.set_title(title, fontsize=10)
     fig.tight_layout()
     save_figure(fig, path)
 

@@ -23,8 +23,9 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import (bar_chart, markdown_table, recipe_for, run_worker, summarize,  # noqa: E402
-                               write_json, write_report)
+from benchmarks.common import (bar_chart, markdown_table, parts_chart, recipe_for, run_worker,  # noqa: E402
+                               shown, summarize, write_json, write_report)
+from fasttrain.engine.profiling import TRACE_NAME, parts_table  # noqa: E402
 
 METHODS = ("ce", "supcon", "selfcon_m", "supcon_s", "selfcon", "dsn", "cds", "simclr", "selfcon_su", "selfcon_mu",
            "mixco")
@@ -62,6 +63,10 @@ def parse_args(argv=None):
     p.add_argument("--rounds", type=int, default=1, help="run the method list this many times, interleaved "
                    "(each run a fresh process), and pool the timed steps: evens out a drifting machine load")
     p.add_argument("--timeout", type=float, default=None, help="seconds allowed per method and round")
+    p.add_argument("--profile", action="store_true", help="after the timed steps, profile --profile-steps more "
+                   "with torch.profiler: a trace per method (Perfetto, TensorBoard) and a table of where a step's "
+                   "time goes (trunk, sub-networks, heads, loss, gather, backward, optimizer)")
+    p.add_argument("--profile-steps", type=int, default=3)
     p.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/step_cost_<arch>")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--method", help=argparse.SUPPRESS)
@@ -71,9 +76,9 @@ def parse_args(argv=None):
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:
         p.error(f"--methods: unknown {', '.join(unknown)} (choose from {', '.join(METHODS)})")
-    if args.warmup < 0 or args.steps < 1 or args.rounds < 1:
-        p.error("--warmup must be >= 0, --steps and --rounds >= 1")
-    args.out = args.out or Path("benchmarks/results") / f"step_cost_{args.arch}"
+    if args.warmup < 0 or args.steps < 1 or args.rounds < 1 or args.profile_steps < 1:
+        p.error("--warmup must be >= 0, --steps, --rounds and --profile-steps >= 1")
+    args.out = (args.out or Path("benchmarks/results") / f"step_cost_{args.arch}").resolve()
     return args
 
 
@@ -155,6 +160,7 @@ def measure(args, method_name: str) -> dict:
         peak = memory.peak_bytes()
         load_after = os.getloadavg()[0]
         params = sum(p.numel() for p in accelerator.unwrap_model(model).parameters())
+        profile = profile_steps(args, method_name, step, views, labels, accelerator, model) if args.profile else None
 
     stats = summarize(times)
     return {
@@ -172,8 +178,22 @@ def measure(args, method_name: str) -> dict:
         # CPU only: process CPU time per step (all threads) and the machine's 1-minute load average
         # before and after, to tell a slow method from a busy machine
         "step_cpu_times_s": None if cuda else cpu_times, "threads": torch.get_num_threads(),
-        "load_average": [load_before, load_after],
+        "load_average": [load_before, load_after], "profile": profile,
     }
+
+
+def profile_steps(args, method_name: str, step, views, labels, accelerator, model) -> dict:
+    """``--profile-steps`` more steps (after one under the profiler's warm-up) in a torch.profiler window."""
+    from fasttrain.engine.profiling import StepProfiler
+
+    plain = None if args.compile else accelerator.unwrap_model(model, keep_torch_compile=False)
+    profiler = StepProfiler(accelerator.device, args.out / f"profile_{method_name}", skip=1,
+                            steps=args.profile_steps, model=plain)
+    with profiler:
+        for _ in range(1 + args.profile_steps):
+            step(views, labels)
+            profiler.step()
+    return {"parts_ms_per_step": profiler.parts, "steps": profiler.profiled_steps, "trace": shown(profiler.trace)}
 
 
 def worker_args(args, method: str) -> list[str]:
@@ -181,6 +201,7 @@ def worker_args(args, method: str) -> list[str]:
            "--image-size", args.image_size, "--warmup", args.warmup, "--steps", args.steps,
            "--exit-kind", args.exit_kind, "--channels-last" if args.channels_last else "--no-channels-last"]
     out += ["--threads", args.threads] if args.threads else []
+    out += ["--out", args.out] + (["--profile", "--profile-steps", args.profile_steps] if args.profile else [])
     return out + (["--compile"] if args.compile else [])
 
 
@@ -301,11 +322,18 @@ def main(argv=None) -> int:
     rows = [merge(runs[m]) for m in args.methods]
     add_ratios(rows, args.arch)
     text = table(rows, args)
+    profiled = [{"method": LABELS[r["method"]], "parts": r["profile"]["parts_ms_per_step"]}
+                for r in rows if r.get("profile")]
+    if profiled:
+        text += (f"\nWhere a step's time goes ({args.profile_steps} profiled steps per method, ms per step and share; "
+                 f"traces: {shown(args.out)}/profile_<method>/{TRACE_NAME}):\n\n" + parts_table(profiled, "method"))
+        parts_chart(args.out / "step_cost_parts.png", profiled, "method",
+                    title=f"Where a step's time goes: {args.arch}, batch {args.batch_size}, {args.image_size}px")
     write_report(args.out, "step_cost", args, rows, text, worker_only=("method",), rows_key="methods")
     if any("error" not in r for r in rows):
         chart(rows, args, args.out / "step_cost.png")
     print(text)
-    print(f"[step_cost] wrote {args.out}/step_cost.{{json,md,png}}")
+    print(f"[step_cost] wrote {shown(args.out)}/step_cost.{{json,md,png}}" + (" and step_cost_parts.png" if profiled else ""))
     return 1 if any("error" in r for r in rows) else 0
 
 

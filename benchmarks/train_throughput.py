@@ -29,8 +29,9 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import (backend_source, bar_chart, markdown_table, recipe_for, worker_row,  # noqa: E402
-                               write_json, write_report)
+from benchmarks.common import (backend_source, bar_chart, markdown_table, parts_chart, recipe_for,  # noqa: E402
+                               shown, worker_row, write_json, write_report)
+from fasttrain.engine.profiling import TRACE_NAME, parts_table  # noqa: E402
 
 BACKENDS = ("synthetic", "torchvision", "dali", "ffcv")
 
@@ -52,6 +53,10 @@ def parse_args(argv=None):
     p.add_argument("--workers", type=int, default=2, help="data.num_workers")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads of the training process")
     p.add_argument("--timeout", type=float, default=1200, help="seconds allowed per backend")
+    p.add_argument("--profile", action="store_true", help="per backend, a second run with a torch.profiler window "
+                   "(monitor.profile) over --profile-steps steps after --skip: a trace and a table of where a step's "
+                   "time goes (waiting for data, trunk, sub-networks, heads, loss, backward, optimizer)")
+    p.add_argument("--profile-steps", type=int, default=5)
     p.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/train_throughput_<arch>")
     p.add_argument("--beton-dir", type=Path, default=Path("benchmarks/results/tmp"),
                    help="where --data is converted for ffcv (reused while newer than the folder; git-ignored)")
@@ -61,13 +66,14 @@ def parse_args(argv=None):
     p.add_argument("--num-classes", type=int, help=argparse.SUPPRESS)
     p.add_argument("--images", type=int, help=argparse.SUPPRESS)  # images in --data
     p.add_argument("--result", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--profile-run", action="store_true", help=argparse.SUPPRESS)  # this worker profiles
     args = p.parse_args(argv)
     args.backends = [b.strip() for b in args.backends.split(",") if b.strip()]
-    if args.steps < 1:
-        p.error("--steps must be >= 1")
+    if args.steps < 1 or args.profile_steps < 1:
+        p.error("--steps and --profile-steps must be >= 1")
     if not args.worker and not args.data.is_dir():
         p.error(f"--data: no such directory: {args.data}")
-    args.out = args.out or Path("benchmarks/results") / f"train_throughput_{args.arch}"
+    args.out = (args.out or Path("benchmarks/results") / f"train_throughput_{args.arch}").resolve()
     return args
 
 
@@ -93,7 +99,8 @@ def measure(args) -> dict:
     synthetic = args.backend == "synthetic"
     depth = prefetch_batches(args.backend, DataConfig(num_workers=args.workers))
     skip = 3 + depth if args.skip is None else args.skip
-    total = skip + args.steps
+    # a profiled run is a run of its own: the profiler's overhead never reaches the timed rate
+    total = skip + (args.profile_steps if args.profile_run else args.steps)
     per_epoch = total if synthetic else args.images // args.batch_size
     epochs = -(-total // per_epoch)
     row = {"backend": args.backend, "arch": args.arch, "method": args.method, "batch_size": args.batch_size,
@@ -114,7 +121,9 @@ def measure(args) -> dict:
             "schedule": {"epochs": epochs, "warmup_epochs": 0},
             "linear_eval": {"enabled": False},
             # the epoch-end k-NN is evaluation, not training throughput
-            "monitor": {"knn_every": 0, "throughput_skip_steps": skip},
+            "monitor": {"knn_every": 0, "throughput_skip_steps": skip,
+                        **({"profile": {"skip": skip, "steps": args.profile_steps,
+                                        "dir": str(args.out / f"profile_{args.backend}")}} if args.profile_run else {})},
             "run": {"dir": run_dir, "resume": "never"},
         })
         accelerator = make_accelerator(recipe, log_with=())
@@ -125,6 +134,9 @@ def measure(args) -> dict:
             return {**row, "available": False, "reason": str(exc).splitlines()[0]}
         wall = time.perf_counter() - start
         accelerator.end_training()
+    if args.profile_run:
+        return {**row, "available": result.profile is not None, "profile": result.profile,
+                "reason": None if result.profile else "the profiled window did not complete"}
     return {**row, "available": True, "reason": None, "device": str(accelerator.device),
             "images_per_second": result.images_per_second, "updates": result.updates,
             "peak_memory_bytes": result.peak_memory_bytes, "memory_kind": result.peak_memory_kind,
@@ -140,7 +152,8 @@ def worker_args(args, backend: str, source: Path, classes: int) -> list:
            "--precision", args.precision, "--channels-last" if args.channels_last else "--no-channels-last",
            "--workers", args.workers]
     return out + (["--threads", args.threads] if args.threads else []) + \
-        (["--skip", args.skip] if args.skip is not None else [])
+        (["--skip", args.skip] if args.skip is not None else []) + \
+        ["--out", args.out, "--profile-steps", args.profile_steps]
 
 
 # ---------------------------------------------------------------- the report
@@ -195,12 +208,28 @@ def main(argv=None) -> int:
                   f"[{time.perf_counter() - started:.0f} s]", flush=True)
         else:
             print(f"[train_throughput] {backend:<11} unavailable ({row['reason']})", flush=True)
+        if args.profile and row["available"]:
+            profiled = worker_row("benchmarks.train_throughput",
+                                  worker_args(args, backend, source, classes) + ["--profile-run"], timeout=args.timeout)
+            row["profile"] = profiled.get("profile")
+            print(f"[train_throughput] {backend:<11} profiled: " + (
+                f"{row['profile']['parts_ms_per_step']['step']:.0f} ms per step, "
+                f"{row['profile']['parts_ms_per_step']['data']:.0f} ms of it waiting for data"
+                if row["profile"] else f"failed ({profiled.get('reason')})"), flush=True)
     base = next((r for r in rows if r["backend"] == "synthetic" and r.get("available")), None)
     for r in rows:
         r["ratio_to_synthetic"] = (r["images_per_second"] / base["images_per_second"]
                                    if base and r.get("available") else None)
     text = table(rows, args)
-    write_report(args.out, "train_throughput", args, rows, text, worker_only=("backend", "source", "num_classes", "images"))
+    profiled = [{"backend": r["backend"], "parts": r["profile"]["parts_ms_per_step"]} for r in rows if r.get("profile")]
+    if profiled:
+        text += (f"\nWhere a step's time goes ({args.profile_steps} profiled steps per backend in a run of its own, "
+                 f"ms per step and share; traces: {args.out}/profile_<backend>/{TRACE_NAME}):\n\n"
+                 + parts_table(profiled, "backend"))
+        parts_chart(args.out / "train_throughput_parts.png", profiled, "backend",
+                    title=f"Where a step's time goes: {args.method} / {args.arch}, batch {args.batch_size}")
+    write_report(args.out, "train_throughput", args, rows, text,
+                 worker_only=("backend", "source", "num_classes", "images", "profile_run"))
     names = [r["backend"] for r in rows]
     bar_chart(args.out / "train_throughput.png", [
         {"title": "Trainer images/s", "ylabel": "images / s", "categories": names, "fmt": "%.1f",

@@ -14,6 +14,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed._functional_collectives import all_gather_single_autograd
 
+from fasttrain.engine.profiling import mark
+
 _MASKED = -1e9  # stands in for -inf on the diagonal: exp() is 0, and nothing downstream turns NaN
 
 
@@ -30,11 +32,12 @@ def _gather(features: torch.Tensor, labels: Optional[torch.Tensor]):
     world, rank = _world()
     if world == 1:
         return features, labels, 0
-    gathered = all_gather_single_autograd(features.contiguous(), 0, dist.group.WORLD)
-    if labels is not None:
-        parts = [torch.empty_like(labels) for _ in range(world)]
-        dist.all_gather(parts, labels.contiguous())
-        labels = torch.cat(parts)
+    with mark("gather"):
+        gathered = all_gather_single_autograd(features.contiguous(), 0, dist.group.WORLD)
+        if labels is not None:
+            parts = [torch.empty_like(labels) for _ in range(world)]
+            dist.all_gather(parts, labels.contiguous())
+            labels = torch.cat(parts)
     return gathered, labels, rank * features.shape[0]
 
 

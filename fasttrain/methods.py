@@ -16,6 +16,7 @@ from typing import Callable, Literal, NamedTuple, Optional, Sequence
 
 import torch
 
+from fasttrain.engine.profiling import mark
 from fasttrain.losses import cross_entropy, masked_mean, mix_contrast_loss, supcon_loss, supcon_terms
 from fasttrain.models import EncoderOutput, exit_names
 from fasttrain.monitors import collapse_value, spread
@@ -227,8 +228,10 @@ class Objective:
                 raise ValueError(f"{self.method.name} mixes image i with i + B/2: needs an even batch per process, "
                                  f"got {views[0].shape[0]}")
             layout = Layout(len(views), torch.rand(len(views), views[0].shape[0] // 2, device=views[0].device))
-        out = model(build_batch(views, layout.mix_lambda), project=self.method.contrastive)
-        return self.method.loss(self, out, labels, layout)
+        with mark("forward"):
+            out = model(build_batch(views, layout.mix_lambda), project=self.method.contrastive)
+        with mark("loss"):
+            return self.method.loss(self, out, labels, layout)
 
     def contrast_labels(self, labels: torch.Tensor) -> Optional[torch.Tensor]:
         """The labels a contrastive term may read: none for a self-supervised method."""

@@ -105,6 +105,14 @@ class LinearEvalConfig(_Strict):
     cache_features: bool = False  # encode the train split once (center crops) instead of every epoch
 
 
+class ProfileConfig(_Strict):
+    """A torch.profiler window over training steps (fasttrain/engine/profiling.py), on the main process."""
+
+    skip: int = Field(5, ge=0)  # steps before the window: compilation, warm-up, the loader's queue
+    steps: int = Field(5, gt=0)  # steps profiled
+    dir: Optional[Path] = None  # trace, profile.json and profile.md; default: run.dir/profile
+
+
 class MonitorConfig(_Strict):
     """Signals that a run learns: k-NN accuracy per exit at epoch ends, collapse of the projections."""
 
@@ -118,6 +126,7 @@ class MonitorConfig(_Strict):
     on_collapse: Literal["warn", "stop"] = "warn"
     # steps left out of the run's images/s: compilation, warm-up, and batches the loader decoded ahead
     throughput_skip_steps: int = Field(2, ge=0)
+    profile: Optional[ProfileConfig] = None  # where a step's time goes, part by part
 
 
 TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "trackio", "swanlab")

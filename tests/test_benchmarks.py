@@ -24,7 +24,8 @@ def _outputs(folder: Path, stem: str) -> dict:
 def test_step_cost_tiny(tmp_path, capsys):
     out = tmp_path / "step_cost"
     rc = step_cost.main(["--arch", "resnet18", "--batch-size", "4", "--image-size", "32", "--warmup", "1",
-                         "--steps", "2", "--methods", "ce,supcon,selfcon,cds,mixco", "--threads", "1", "--out", str(out)])
+                         "--steps", "2", "--methods", "ce,supcon,selfcon,cds,mixco", "--threads", "1", "--out", str(out),
+                         "--profile", "--profile-steps", "1"])
     assert rc == 0
     data = _outputs(out, "step_cost")
     assert [r["method"] for r in data["methods"]] == ["ce", "supcon", "selfcon", "cds", "mixco"]
@@ -46,6 +47,14 @@ def test_step_cost_tiny(tmp_path, capsys):
     assert selfcon["time_ratio_to_selfcon"] == 1.0 and supcon["paper_time_ratio"] == 2.2
     table = (out / "step_cost.md").read_text()
     assert "| SupCon |" in table and "×2.2" in table and table in capsys.readouterr().out
+    # --profile: where each method's step goes, after (never inside) the timed steps
+    for row in data["methods"]:
+        parts = row["profile"]["parts_ms_per_step"]
+        assert row["profile"]["steps"] == 1 and Path(row["profile"]["trace"]).stat().st_size > 0
+        assert parts["trunk"] > 0 and parts["backward"] > 0 and parts["optimizer"] > 0
+        assert (parts["subnetworks"] > 0) == row["uses_subnetwork"], row["method"]
+    assert "Where a step's time goes" in table and "| SelfCon | " in table.split("Where a step's time goes")[1]
+    assert (out / "step_cost_parts.png").stat().st_size > 0
 
 
 def test_photo_folder_from_wallpapers(tmp_path):
@@ -133,9 +142,14 @@ def test_train_throughput_tiny(tmp_path):
     out = tmp_path / "train"
     rc = train_throughput.main(["--data", str(data), "--arch", "resnet18", "--backends", "synthetic,torchvision",
                                 "--batch-size", "4", "--image-size", "32", "--steps", "3", "--workers", "0",
-                                "--threads", "1", "--out", str(out)])
+                                "--threads", "1", "--out", str(out), "--profile", "--profile-steps", "2"])
     assert rc == 0
     results = _outputs(out, "train_throughput")["results"]
+    for row in results:  # --profile: a run of its own per backend, waiting for data included
+        parts = row["profile"]["parts_ms_per_step"]
+        assert row["profile"]["steps"] == 2 and row["profile"]["loader"] == row["backend"]
+        assert parts["data"] > 0 and parts["trunk"] > 0 and parts["subnetworks"] > 0
+    assert (out / "train_throughput_parts.png").stat().st_size > 0
     assert [r["backend"] for r in results] == ["synthetic", "torchvision"]
     for row in results:
         assert row["available"] is True and row["memory_kind"]

@@ -306,12 +306,15 @@ def test_trackers_receive_the_metrics_and_a_missing_tracker_is_one_line(tmp_path
 
 @pytest.mark.slow
 def test_two_process_run_counts_every_validation_image_once(tmp_path, data):
-    recipe = write_recipe(tmp_path, data, "selfcon")
+    recipe = write_recipe(tmp_path, data, "selfcon", monitor={"profile": {"skip": 1, "steps": 2}})
     launch("fasttrain/run.py", recipe, num_processes=2)
     results = read_results(tmp_path)
     assert results["num_processes"] == 2
     assert results["steps"] == 3  # global batch 8 = 2 x 4 per process; 24 usable images -> 3 steps
     assert results["linear_eval"]["samples"] == 9  # 9 validation images, split 5 + 4, none padded
+    # the main process's profile finds the loss's all-gather, and its backward
+    parts = json.loads((tmp_path / "run" / "profile" / "profile.json").read_text())["parts_ms_per_step"]
+    assert parts["gather"] > 0 and parts["backward_by_part"]["gather"] > 0
 
 
 @pytest.mark.slow

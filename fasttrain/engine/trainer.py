@@ -2,6 +2,7 @@
 checkpoints and logging. Every method, loader and benchmark goes through this one step."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import json
@@ -22,6 +23,7 @@ from fasttrain.engine.knn import KNNMonitor
 from fasttrain.engine.linear_eval import check_evaluation
 from fasttrain.engine.metrics import MetricsFile, PeakMemory, Throughput
 from fasttrain.engine.optim import build_optimizer, lr_factor, set_lr
+from fasttrain.engine.profiling import StepProfiler, mark, parts_table, timed
 from fasttrain.methods import Method, Objective, get_method
 from fasttrain.models import MultiExitResNet, build_encoder
 from fasttrain.monitors import CollapseWatch, NonFiniteLossError
@@ -139,15 +141,17 @@ class TrainStep:
                 self.nonfinite_steps += 1
                 return loss.detach(), {**logs, "nonfinite_steps": torch.tensor(float(self.nonfinite_steps))}
             self.nonfinite_in_a_row = 0
-            self.accelerator.backward(loss)
-            if self.accelerator.sync_gradients:
-                if self.clip_grad_norm or measure:  # without clipping, the norm costs a pass only when logged
-                    logs["grad_norm"] = self.accelerator.clip_grad_norm_(self.model.parameters(),
-                                                                         self.clip_grad_norm or float("inf"))
-                self.lr = set_lr(self.optimizer, self.schedule(self.updates))
-                self.updates += 1
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            with mark("backward"):
+                self.accelerator.backward(loss)
+            with mark("optimizer"):
+                if self.accelerator.sync_gradients:
+                    if self.clip_grad_norm or measure:  # without clipping, the norm costs a pass only when logged
+                        logs["grad_norm"] = self.accelerator.clip_grad_norm_(self.model.parameters(),
+                                                                             self.clip_grad_norm or float("inf"))
+                    self.lr = set_lr(self.optimizer, self.schedule(self.updates))
+                    self.updates += 1
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
         return loss.detach(), {**logs, "nonfinite_steps": torch.tensor(float(self.nonfinite_steps))}
 
     def _finite(self, loss: torch.Tensor) -> bool:
@@ -168,6 +172,7 @@ class TrainResult:
     skipped_images: int
     nonfinite_steps: int  # updates skipped for a NaN/Inf loss
     knn: list[dict]  # per evaluated epoch: {"epoch", <exit>: top-1 %, ..., "ensemble"}
+    profile: Optional[dict] = None  # monitor.profile: ms per step of each part (profiling.PARTS)
 
 
 def train(recipe: Recipe, accelerator: Accelerator) -> TrainResult:
@@ -216,6 +221,8 @@ def train(recipe: Recipe, accelerator: Accelerator) -> TrainResult:
     save = functools.partial(_save, recipe, accelerator, model, optimizer)
     every_steps = recipe.run.checkpoint_every_steps
 
+    profiler = _profiler(recipe, accelerator, model)
+
     def knn_due(epochs_done: int) -> bool:
         return bool(knn) and (epochs_done % recipe.monitor.knn_every == 0 or epochs_done == recipe.schedule.epochs)
 
@@ -227,7 +234,8 @@ def train(recipe: Recipe, accelerator: Accelerator) -> TrainResult:
         if main:
             tqdm.write(f"epoch {epochs_done}: k-NN top-1 " + ", ".join(f"{k} {v:.2f}%" for k, v in accuracy.items()))
 
-    with deferred_stops():  # a stop signal ends the run at a step boundary, with a checkpoint of that step
+    # a stop signal ends the run at a step boundary, with a checkpoint of that step
+    with deferred_stops(), profiler or contextlib.nullcontext():
         # a run stopped right after an epoch's checkpoint has not scored that epoch yet
         if start_epoch and not start_step and knn_due(start_epoch) and start_epoch not in {r["epoch"] for r in knn_curve}:
             knn_after(start_epoch)
@@ -240,7 +248,7 @@ def train(recipe: Recipe, accelerator: Accelerator) -> TrainResult:
             speed.resume()
             with tqdm(total=micro_steps, initial=first, desc=f"epoch {epoch + 1}/{recipe.schedule.epochs}",
                       disable=not main, dynamic_ncols=True, leave=True) as bar:  # closed on any exception
-                for index, (views, labels) in enumerate(loader, start=first):
+                for index, (views, labels) in enumerate(timed(loader), start=first):
                     if index == micro_steps:
                         break
                     logged = (index + 1) % recipe.train.log_every == 0 or index + 1 == micro_steps
@@ -248,6 +256,8 @@ def train(recipe: Recipe, accelerator: Accelerator) -> TrainResult:
                     if step.nonfinite_in_a_row:
                         _nonfinite(recipe, step, main, f"epoch {epoch + 1} step {index + 1}/{micro_steps}")
                     speed.update(images_per_step)
+                    if profiler:
+                        profiler.step()
                     bar.update(1)
                     if logged:
                         row = _log_row(accelerator, logs, step, speed)
@@ -279,7 +289,39 @@ def train(recipe: Recipe, accelerator: Accelerator) -> TrainResult:
     return TrainResult(_plain(accelerator, model), method, recipe.schedule.epochs, step.updates,
                        speed.images_per_second, memory.peak_bytes(), memory.kind, memory.device_peak,
                        len(loader.skipped),
-                       step.nonfinite_steps, knn_curve)
+                       step.nonfinite_steps, knn_curve, _profile_report(recipe, profiler))
+
+
+def _profiler(recipe: Recipe, accelerator: Accelerator, model) -> Optional[StepProfiler]:
+    """The main process's profiler when ``monitor.profile`` asks for one. A compiled model runs as one
+    graph: its forward is not split into trunk, sub-networks and heads."""
+    cfg = recipe.monitor.profile
+    if cfg is None or not accelerator.is_main_process:
+        return None
+    return StepProfiler(accelerator.device, cfg.dir or Path(recipe.run.dir) / "profile", skip=cfg.skip,
+                        steps=cfg.steps, model=None if recipe.train.compile else _plain(accelerator, model))
+
+
+def _profile_report(recipe: Recipe, profiler: Optional[StepProfiler]) -> Optional[dict]:
+    """profile.json and profile.md beside the trace, and the table on the console."""
+    if profiler is None:
+        return None
+    cfg = recipe.monitor.profile
+    if profiler.parts is None:
+        log.warning("monitor.profile: the run ended before step %d, where the profiled window starts", cfg.skip + 1)
+        return None
+    if profiler.profiled_steps < cfg.steps:
+        log.warning("monitor.profile: the run ended before step %d: %d of the %d steps asked for were profiled",
+                    cfg.skip + cfg.steps, profiler.profiled_steps, cfg.steps)
+    report = {"method": recipe.method, "arch": recipe.model.arch, "loader": recipe.loader,
+              "device": profiler.device_kind, "steps": profiler.profiled_steps, "skip": cfg.skip,
+              "compiled": recipe.train.compile, "trace": str(profiler.trace), "parts_ms_per_step": profiler.parts}
+    table = parts_table([{"method": recipe.method, "parts": profiler.parts}], "method")
+    write_results(profiler.out_dir / "profile.json", report)
+    write_bytes(profiler.out_dir / "profile.md", table.encode())
+    tqdm.write(f"where a step's time goes ({report['steps']} steps, {report['device']}; trace: {profiler.trace}):\n"
+               + table)
+    return report
 
 
 def _start_trackers(recipe: Recipe, accelerator: Accelerator) -> None:
