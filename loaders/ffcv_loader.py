@@ -8,13 +8,14 @@ each sample is read once from the file and decoded twice, with independent crops
 batch comes back as ``(image, label, image_1)``: file fields first, extra outputs after.
 
 Colour and normalisation. ``contrastive`` adds the official ColorJitter(0.4, 0.4, 0.4, 0.1) p=0.8 and
-RandomGrayscale p=0.2 as torch ops on the whole device batch (``color_augment``: torchvision's maths,
-a per-sample draw of factors and op order, no loop over samples), on values in [0, 1] after
-ToTensor/ToDevice/ToTorchImage, then ``(x - mean) / std``. Without colour augmentation on CPU,
-ffcv's ``NormalizeImage`` runs in the numba stage *before* ToTensor (placed after it on CPU,
-``Loader()`` never returns: ffcv 1.0.2's ``Graph.group_operations`` loops for ever). On CUDA the
-uint8 batch goes to the device and is normalised there by the same torch code: ffcv's GPU
-``NormalizeImage`` needs cupy, which this project does not install.
+RandomGrayscale p=0.2 as an ffcv operation (``ColourJitter``) on the uint8 batch right after the crop and
+flip: torchvision's tensor maths per sample (a draw of factors and op order each), compiled by numba and
+run in parallel over the batch in ffcv's own threads, like its decoders, so it never occupies the
+training process. On a CPU, ffcv's ``NormalizeImage`` follows in the same numba stage, *before* ToTensor
+(placed after it on CPU, ``Loader()`` never returns: ffcv 1.0.2's ``Graph.group_operations`` loops for
+ever). On CUDA the uint8 batch goes to the device (``ToDevice``) and is normalised there by torch
+(ffcv's GPU ``NormalizeImage`` needs cupy, which this project does not install). Like ffcv's own crops,
+the colour draws come from numba's per-thread generator, which ffcv does not seed.
 
 Distributed. Training passes ``distributed=True``: ffcv then builds a torch ``DistributedSampler``
 (rank and world size from ``torch.distributed``, ``drop_last=False``: it pads); QUASI_RANDOM is not
@@ -31,11 +32,12 @@ reports (KeyError, innermost frame that finalizer); all else reaches the previou
 """
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
+from typing import Optional
 
 import numba
 import numpy as np
@@ -46,13 +48,18 @@ from ffcv.fields import IntField, RGBImageField  # noqa: E402
 from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder, RandomResizedCropRGBImageDecoder  # noqa: E402
 from ffcv.loader import Loader as _FFCVLoader, OrderOption  # noqa: E402
 from ffcv.pipeline import PipelineSpec  # noqa: E402
+from ffcv.pipeline.allocation_query import AllocationQuery  # noqa: E402
+from ffcv.pipeline.compiler import Compiler  # noqa: E402
+from ffcv.pipeline.operation import Operation  # noqa: E402
+from ffcv.pipeline.state import State  # noqa: E402
 from ffcv.reader import Reader  # noqa: E402
 from ffcv.transforms import NormalizeImage, RandomHorizontalFlip, ToDevice, ToTensor, ToTorchImage  # noqa: E402
 
 torch.set_num_threads(_TORCH_THREADS)
 
 from loaders import FFCV_BATCHES_AHEAD, shard, subset_indices
-from loaders.spec import DataConfig, LoaderError, LoaderRequest, on_device, output_dtype, require_path, to_device
+from loaders.spec import (COLOUR_STRENGTH, DataConfig, LoaderError, LoaderRequest, output_dtype, require_path,
+                          to_device)
 
 log = logging.getLogger(__name__)
 _NUMBA_DISPATCHER = os.path.join("numba", "core", "dispatcher.py")
@@ -79,87 +86,120 @@ if not getattr(sys.unraisablehook, "quiets_numba_finalizer", False):
     sys.unraisablehook = _quiet_hook(sys.unraisablehook)
 
 
-# --- colour augmentation: torchvision's ColorJitter / RandomGrayscale maths, batched ---------------
+# --- colour augmentation: torchvision's ColorJitter / RandomGrayscale maths, per sample in ffcv's threads ---
 
-def _gray(x: torch.Tensor) -> torch.Tensor:  # [B,3,H,W] -> [B,1,H,W], torchvision's rgb_to_grayscale
-    return (0.2989 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
-
-
-def _blend(x, y, f):  # torchvision's _blend; f == 1 is an exact identity
-    return (f * x + (1.0 - f) * y).clamp_(0.0, 1.0)
+@numba.njit(inline="always")
+def _luma(r, g, b):  # torchvision's rgb_to_grayscale weights
+    return np.float32(0.2989) * r + np.float32(0.587) * g + np.float32(0.114) * b
 
 
-# rows: hue sector 0..5; columns: r, g, b; values index (maxc, q, p, t)
-_HSV_SECTOR_PICK = torch.tensor([[0, 3, 2], [1, 0, 2], [2, 0, 3], [2, 1, 0], [3, 2, 0], [0, 2, 1]])
+@numba.njit(inline="always")
+def _unit(v):
+    return min(max(v, np.float32(0.0)), np.float32(1.0))
 
 
-def _adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:  # torchvision's _rgb2hsv/_hsv2rgb
-    r, g, b = x.unbind(1)
-    maxc, minc = x.max(1).values, x.min(1).values
-    eqc, cr = maxc == minc, maxc - minc
-    ones = torch.ones_like(maxc)
-    s = cr / torch.where(eqc, ones, maxc)
-    div = torch.where(eqc, ones, cr)
+@numba.njit(inline="always")
+def _shift_hue(r, g, b, shift):
+    """torchvision's _rgb2hsv, the hue turned by ``shift``, then _hsv2rgb, for one pixel."""
+    one = np.float32(1.0)
+    maxc, minc = max(r, g, b), min(r, g, b)
+    cr = maxc - minc
+    s = cr / (maxc if cr != 0 else one)
+    div = cr if cr != 0 else one
     rc, gc, bc = (maxc - r) / div, (maxc - g) / div, (maxc - b) / div
-    h = ((maxc == r) * (bc - gc) + ((maxc == g) & (maxc != r)) * (2.0 + rc - bc)
-         + ((maxc != g) & (maxc != r)) * (4.0 + gc - rc))
-    h = (torch.fmod(h / 6.0 + 1.0, 1.0) + shift.view(-1, 1, 1)) % 1.0
-    i = torch.floor(h * 6.0)
-    f = h * 6.0 - i
-    i = i.to(torch.int32) % 6
-    p = (maxc * (1.0 - s)).clamp(0.0, 1.0)
-    q = (maxc * (1.0 - s * f)).clamp(0.0, 1.0)
-    t = (maxc * (1.0 - s * (1.0 - f))).clamp(0.0, 1.0)
-    # per sector i, torchvision's hsv->rgb picks each channel from (maxc, q, p, t): a lookup + gather
-    candidates = torch.stack((maxc, q, p, t), 1)  # [B,4,H,W]
-    pick = on_device(_HSV_SECTOR_PICK, x.device)[i.long()]  # [B,H,W,3]
-    return torch.gather(candidates, 1, pick.permute(0, 3, 1, 2))
+    if maxc == r:
+        h = bc - gc
+    elif maxc == g:
+        h = np.float32(2.0) + rc - bc
+    else:
+        h = np.float32(4.0) + gc - rc
+    h = ((h / np.float32(6.0) + one) % one + shift) % one
+    sector = np.floor(h * np.float32(6.0))
+    f = h * np.float32(6.0) - sector
+    p, q, t = _unit(maxc * (one - s)), _unit(maxc * (one - s * f)), _unit(maxc * (one - s * (one - f)))
+    i = int(sector) % 6
+    if i == 0:
+        return maxc, t, p
+    if i == 1:
+        return q, maxc, p
+    if i == 2:
+        return p, maxc, t
+    if i == 3:
+        return p, q, maxc
+    if i == 4:
+        return t, p, maxc
+    return maxc, p, q
 
 
-_OPS = (lambda x, f: (f * x).clamp_(0.0, 1.0),  # brightness: blend with black
-        lambda x, f: _blend(x, _gray(x).mean((1, 2, 3), keepdim=True), f),  # contrast
-        lambda x, f: _blend(x, _gray(x), f))  # saturation; op 3 is hue
+@numba.njit
+def jitter_image(src, dst, factors, order, apply, gray):
+    """One HWC uint8 image: torchvision's ColorJitter ops (0 brightness, 1 contrast, 2 saturation,
+    3 hue; ``factors`` of each, in ``order``) when ``apply``, then grayscale when ``gray``, in float
+    as torchvision's tensor functions, rounded to uint8 once at the end."""
+    height, width = src.shape[0], src.shape[1]
+    x = src.astype(np.float32) / np.float32(255.0)
+    one = np.float32(1.0)
+    for k in range(4 if apply else 0):
+        op, f = order[k], np.float32(factors[order[k]])
+        if op == 1:  # contrast: blend with the image's mean grey, computed at this point of the order
+            total = 0.0
+            for y in range(height):
+                for z in range(width):
+                    total += _luma(x[y, z, 0], x[y, z, 1], x[y, z, 2])
+            mean = np.float32(total / (height * width))
+        for y in range(height):
+            for z in range(width):
+                r, g, b = x[y, z, 0], x[y, z, 1], x[y, z, 2]
+                if op == 0:  # brightness: blend with black
+                    r, g, b = _unit(f * r), _unit(f * g), _unit(f * b)
+                elif op == 1:
+                    r, g, b = _unit(f * r + (one - f) * mean), _unit(f * g + (one - f) * mean), \
+                        _unit(f * b + (one - f) * mean)
+                elif op == 2:  # saturation: blend with the pixel's grey
+                    grey = _luma(r, g, b)
+                    r, g, b = _unit(f * r + (one - f) * grey), _unit(f * g + (one - f) * grey), \
+                        _unit(f * b + (one - f) * grey)
+                else:
+                    r, g, b = _shift_hue(r, g, b, f)
+                x[y, z, 0], x[y, z, 1], x[y, z, 2] = r, g, b
+    for y in range(height):
+        for z in range(width):
+            if gray:
+                v = np.uint8(_luma(x[y, z, 0], x[y, z, 1], x[y, z, 2]) * np.float32(255.0) + np.float32(0.5))
+                dst[y, z, 0] = dst[y, z, 1] = dst[y, z, 2] = v
+            else:
+                for c in range(3):
+                    dst[y, z, c] = np.uint8(x[y, z, c] * np.float32(255.0) + np.float32(0.5))
 
 
-def jitter(x, factors, order, apply, gray):
-    """x [B,3,H,W] in [0,1]; factors [B,4] (brightness, contrast, saturation, hue shift); order [B,4]
-    a permutation of the op ids 0..3 per sample; apply, gray [B] bool. Same result as torchvision
-    applying, per sample, the ops in ``order`` with those factors, then grayscale where ``gray``.
+class ColourJitter(Operation):
+    """RandomApply(ColorJitter(*strength), p_jitter) then RandomGrayscale(p_gray), one draw of factors
+    and op order per sample, on the uint8 batch inside ffcv's pipeline: compiled with numba and run in
+    parallel over the batch in ffcv's own threads, before ToTensor (and ToDevice on a GPU)."""
 
-    Hue is the costly op, so it runs once on the batch: per sample, the ops before it are applied
-    position by position (the others get their identity factor 1), then hue, then the ops after it.
-    """
-    B = x.shape[0]
-    hue_at = (order == 3).to(torch.int64).argmax(1)
-    for before in (True, False):
-        for k in (range(0, 3) if before else range(1, 4)):
-            here = (hue_at > k) if before else (hue_at < k)
-            for op, fn in enumerate(_OPS):
-                use = apply & here & (order[:, k] == op)
-                x = fn(x, torch.where(use, factors[:, op], torch.ones_like(factors[:, op])).view(B, 1, 1, 1))
-        if before:
-            x = torch.where(apply.view(B, 1, 1, 1), _adjust_hue(x, factors[:, 3]), x)
-    return torch.where(gray.view(B, 1, 1, 1), _gray(x).expand_as(x), x)
+    def __init__(self, strength=(0.4, 0.4, 0.4, 0.1), p_jitter: float = 0.8, p_gray: float = 0.2):
+        super().__init__()
+        self.lo = np.array([max(0.0, 1 - s) for s in strength[:3]] + [-strength[3]], np.float32)
+        self.hi = np.array([1 + s for s in strength[:3]] + [strength[3]], np.float32)
+        self.p_jitter, self.p_gray = p_jitter, p_gray
 
+    def generate_code(self):
+        my_range = Compiler.get_iterator()
+        lo, span, p_jitter, p_gray = self.lo, self.hi - self.lo, self.p_jitter, self.p_gray
 
-@functools.lru_cache(maxsize=8)
-def _jitter_range(strength: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """ColorJitter's factor ranges, built once per device (a tensor made from Python values on a GPU
-    is a synchronising copy from pageable memory)."""
-    lo = torch.tensor([max(0.0, 1 - s) for s in strength[:3]] + [-strength[3]], device=device)
-    hi = torch.tensor([1 + s for s in strength[:3]] + [strength[3]], device=device)
-    return lo, hi
+        def colour(images, dst):
+            coins = np.random.rand(images.shape[0], 6)
+            for i in my_range(images.shape[0]):
+                factors = lo + span * coins[i, :4].astype(np.float32)
+                jitter_image(images[i], dst[i], factors, np.random.permutation(4), coins[i, 4] < p_jitter,
+                             coins[i, 5] < p_gray)
+            return dst
 
+        colour.is_parallel = True
+        return colour
 
-def color_augment(x: torch.Tensor, gen: torch.Generator, strength=(0.4, 0.4, 0.4, 0.1),
-                  p_jitter: float = 0.8, p_gray: float = 0.2) -> torch.Tensor:
-    """RandomApply(ColorJitter(*strength), p_jitter) then RandomGrayscale(p_gray), one draw per sample."""
-    B, dev = x.shape[0], x.device
-    u = torch.rand(B, 7, device=dev, generator=gen)
-    lo, hi = _jitter_range(tuple(strength), dev)
-    factors = lo + (hi - lo) * u[:, :4]
-    order = torch.rand(B, 4, device=dev, generator=gen).argsort(1)
-    return jitter(x, factors, order, u[:, 4] < p_jitter, u[:, 5] < p_gray)
+    def declare_state_and_memory(self, previous_state: State) -> tuple[State, Optional[AllocationQuery]]:
+        return replace(previous_state, jit_mode=True), AllocationQuery(previous_state.shape, previous_state.dtype)
 
 
 # --- the loader ---------------------------------------------------------------------------------
@@ -189,11 +229,10 @@ class FFCVLoader:
         self.num_classes = int(reader.metadata["f1"].max()) + 1
         self.skipped: set[str] = set()  # unreadable files were left out by ffcv_convert
         self.epoch = self.skip_batches = 0
-        self._cuda = req.device.type == "cuda"  # the GPU-only branch: ToDevice in the pipelines
-        self._torch_norm = self._cuda or "contrastive" in req.augments
-        self._mean = torch.tensor(cfg.mean, device=req.device).view(1, 3, 1, 1)
-        self._std = torch.tensor(cfg.std, device=req.device).view(1, 3, 1, 1)
-        self._gen = torch.Generator(device=req.device)
+        self._cuda = req.device.type == "cuda"  # the GPU-only branch: ToDevice, normalisation on the device
+        if self._cuda:
+            self._mean = torch.tensor(cfg.mean, device=req.device).view(1, 3, 1, 1)
+            self._std = torch.tensor(cfg.std, device=req.device).view(1, 3, 1, 1)
 
         size = cfg.progressive.size_at(0) if (cfg.progressive and req.training) else cfg.image_size
         if req.training:
@@ -203,10 +242,11 @@ class FFCVLoader:
         else:
             self._decoders = [CenterCropRGBImageDecoder((size, size), ratio=cfg.val_resize_ratio)
                               for _ in range(req.num_views)]
-        pipelines = {"image": self._image_ops(self._decoders[0]),
+        augments = req.augments if req.training else ("center",) * req.num_views
+        pipelines = {"image": self._image_ops(self._decoders[0], augments[0]),
                      "label": [IntDecoder(), ToTensor(), *self._to_device()]}  # no Squeeze: a batch of 1 -> 0-d
         for v, dec in enumerate(self._decoders[1:], 1):  # same field, own decoder: see the docstring
-            ops = self._image_ops(dec)
+            ops = self._image_ops(dec, augments[v])
             pipelines[f"image_{v}"] = PipelineSpec("image", decoder=ops[0], transforms=ops[1:])
 
         world, distributed = req.world_size, False
@@ -241,9 +281,11 @@ class FFCVLoader:
     def _to_device(self):  # a fresh op per pipeline: ffcv keys its graph nodes by operation
         return [ToDevice(self.req.device, non_blocking=True)] if self._cuda else []
 
-    def _image_ops(self, decoder):
+    def _image_ops(self, decoder, augment: str):
         ops = [decoder] + ([RandomHorizontalFlip()] if self.req.training else [])
-        if not self._torch_norm:  # numba stage, before ToTensor (see the docstring)
+        if augment in COLOUR_STRENGTH:
+            ops.append(ColourJitter(COLOUR_STRENGTH[augment]))
+        if not self._cuda:  # numba stage, before ToTensor (see the docstring)
             ops.append(NormalizeImage(np.array(self.cfg.mean) * 255, np.array(self.cfg.std) * 255, np.float32))
         return ops + [ToTensor(), *self._to_device(), ToTorchImage(channels_last=True)]
 
@@ -262,17 +304,14 @@ class FFCVLoader:
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
         self.epoch, self.skip_batches = epoch, skip_batches
         self._loader.next_epoch = epoch  # ffcv seeds the order with (seed, epoch)
-        self._gen.manual_seed(self.req.seed * 1_000_003 + epoch * 1009 + self.req.rank)
         if self.cfg.progressive and self.req.training:  # as ffcv-imagenet: buffers follow at the next epoch
             size = self.cfg.progressive.size_at(epoch)
             for dec in self._decoders:
                 dec.output_size = (size, size)
 
-    def _finish(self, x: torch.Tensor, augment: str) -> torch.Tensor:
-        if x.dtype == torch.uint8:  # not normalised yet: [0,1], colour augmentation, normalisation
+    def _finish(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.uint8:  # on the GPU, not normalised yet
             x = x.to(torch.float32).div_(255)
-            if augment == "contrastive":
-                x = color_augment(x, self._gen)
             return to_device(x.sub_(self._mean).div_(self._std), self.req, self.dtype)
         out = to_device(x, self.req, self.dtype)
         # ffcv reuses its output buffers a few batches later: never hand one out
@@ -283,7 +322,7 @@ class FFCVLoader:
         try:  # ffcv's batch thread sets torch's thread count to num_workers before its first batch
             for index, batch in enumerate(self._loader):
                 torch.set_num_threads(torch_threads)
-                images = tuple(self._finish(x, a) for x, a in zip((batch[0], *batch[2:]), self.req.augments))
+                images = tuple(self._finish(x) for x in (batch[0], *batch[2:]))
                 if index >= self.skip_batches:  # a resumed epoch: decoded and dropped, so its randomness matches
                     yield images, batch[1].to(self.req.device, copy=True).view(-1)
         finally:

@@ -48,6 +48,12 @@ class DALIOptions(_Strict):
     # two views: decode each JPEG once and crop it per view (solo-learn), or one fused random-crop
     # decode per view (nvJPEG/libjpeg-turbo decode only the crop's region, twice)
     decode: Literal["once", "per_view"] = "once"
+    # where decoding and augmentation run when training on a GPU: the GPU (nvJPEG, `mixed`), or the
+    # CPU (libjpeg-turbo) with the finished batch copied to the GPU by DALI: NVIDIA's advice for heavy
+    # networks, whose GPU has no time to spare. Without a GPU, the CPU either way.
+    device: Literal["gpu", "cpu"] = "gpu"
+    threads: Optional[int] = Field(None, gt=0)  # DALI's CPU threads per process (default: data.num_workers)
+    prefetch: int = Field(2, gt=0)  # batches DALI prepares ahead (prefetch_queue_depth)
 
 
 class ProgressiveResizing(_Strict):
@@ -199,13 +205,6 @@ def _refuse_symlink_loops(root: str, shown_root: str, key: str) -> None:
                 walk(os.path.join(shown, entry.name), target, ancestors | {target})
 
     walk(shown_root, root, frozenset({root}))
-
-
-@functools.lru_cache(maxsize=32)
-def on_device(constant: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A constant tensor's copy on ``device``, made once: a per-batch ``.to(cuda)`` of a CPU constant
-    is a synchronising host-to-device copy."""
-    return constant.to(device)
 
 
 def to_device(x: torch.Tensor, req: LoaderRequest, dtype: torch.dtype) -> torch.Tensor:

@@ -135,25 +135,36 @@ def test_progressive_resizing_and_basic_keeps_colour(folder, beton):
 
 
 def test_jitter_is_torchvision_maths_per_sample():
-    gen = torch.Generator().manual_seed(0)
-    x = torch.rand(8, 3, 12, 10, generator=gen)
-    factors = torch.rand(8, 4, generator=gen) * 0.8 + 0.6
-    factors[:, 3] = torch.rand(8, generator=gen) * 0.2 - 0.1
-    order = torch.rand(8, 4, generator=gen).argsort(1)
-    apply = torch.tensor([1, 1, 1, 1, 1, 0, 1, 0], dtype=torch.bool)
-    gray = torch.tensor([0, 0, 1, 0, 0, 0, 0, 1], dtype=torch.bool)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(8, 12, 10, 3), dtype=np.uint8)
+    factors = rng.uniform(0.6, 1.4, size=(8, 4)).astype(np.float32)
+    factors[:, 3] = rng.uniform(-0.1, 0.1, size=8)
+    orders = [rng.permutation(4) for _ in range(8)]
+    apply = [1, 1, 1, 1, 1, 0, 1, 0]
+    gray = [0, 0, 1, 0, 0, 0, 0, 1]
     ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
-    expected = []
     for i in range(8):
-        y = x[i]
-        for op in order[i].tolist() if apply[i] else []:
+        y = torch.from_numpy(images[i]).permute(2, 0, 1).float() / 255
+        for op in orders[i] if apply[i] else []:
             y = ops[op](y, float(factors[i, op]))
-        expected.append(TF.rgb_to_grayscale(y, 3) if gray[i] else y)
-    got = ffcv_loader.jitter(x.clone(), factors, order, apply, gray)
-    torch.testing.assert_close(got, torch.stack(expected), atol=2e-5, rtol=0)
-    assert torch.equal(got[5], x[5])  # not applied: untouched, bit for bit
-    out = ffcv_loader.color_augment(torch.rand(64, 3, 4, 4, generator=gen), gen)
-    assert out.shape == (64, 3, 4, 4) and 0 <= out.min() and out.max() <= 1
+        expected = ((TF.rgb_to_grayscale(y, 3) if gray[i] else y) * 255).round().permute(1, 2, 0).numpy()
+        got = np.empty_like(images[i])
+        ffcv_loader.jitter_image(images[i], got, factors[i], orders[i], bool(apply[i]), bool(gray[i]))
+        assert np.abs(got.astype(float) - expected).max() <= 1, i  # one rounding to uint8 at the end
+        if not apply[i] and not gray[i]:
+            assert np.array_equal(got, images[i])  # untouched, bit for bit
+
+
+def test_colour_op_draws_jitter_and_grayscale_per_sample():
+    """The operation ffcv compiles, run as Python: p=0.8 jitter and p=0.2 grayscale, drawn per sample."""
+    images = np.tile(np.array([200, 60, 30], np.uint8), (2000, 4, 4, 1))
+    colour = ffcv_loader.ColourJitter().generate_code()
+    np.random.seed(0)
+    out = colour(images, np.empty_like(images))
+    unchanged = (out == images).all(axis=(1, 2, 3)).mean()
+    grey = ((out[..., 0] == out[..., 1]) & (out[..., 1] == out[..., 2])).all(axis=(1, 2)).mean()
+    assert abs(unchanged - 0.2 * 0.8) < 0.03 and abs(grey - 0.2) < 0.03
+    assert len({tuple(o[0, 0]) for o in out}) > 500  # factors differ from sample to sample
 
 
 def test_corrupt_image_is_skipped_and_reported(tmp_path, caplog):
