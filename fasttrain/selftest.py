@@ -30,7 +30,7 @@ if __package__ in (None, ""):
 
 BACKENDS = ("torchvision", "dali", "ffcv")
 METHODS = ("selfcon", "supcon")
-GPU_ONLY = ("dali mixed (nvJPEG) decoding", "ffcv ToDevice", "fp16 with loss scaling", "CUDA-event timing",
+GPU_ONLY = ("dali mixed (nvJPEG) decoding", "dali CPU decoding feeding the GPU (data.dali.device: cpu)", "ffcv ToDevice", "fp16 with loss scaling", "CUDA-event timing",
             "torch.cuda.max_memory_allocated", "torch.cuda.mem_get_info (whole-device memory)",
             "torch.compile on CUDA", "NCCL gather across processes")
 STEPS, BATCH, SIZE = 8, 8, 32
@@ -42,10 +42,12 @@ class Check:
     precision: str
     compile: bool
     method: str
+    dali_device: str = "gpu"  # data.dali.device: on a GPU, "cpu" decodes on the CPU and DALI copies the batch
 
     @property
     def name(self) -> str:
-        return f"{self.backend}/{self.precision}/{'compiled' if self.compile else 'eager'}/{self.method}"
+        backend = self.backend + ("(cpu decode)" if self.dali_device == "cpu" else "")
+        return f"{backend}/{self.precision}/{'compiled' if self.compile else 'eager'}/{self.method}"
 
 
 def environment(device) -> dict:
@@ -114,7 +116,7 @@ def run_check(path: Check, split_paths: dict, work: Path, device_type: str) -> d
         "method": path.method, "loader": path.backend,
         "model": {"arch": "resnet18", "stem": "cifar", "proj_dim": 32},
         "data": {**{k: str(v) for k, v in split_paths.items()}, "image_size": SIZE, "val_resize_ratio": 1.0,
-                 "num_workers": 1 if path.backend != "torchvision" else 0},
+                 "num_workers": 1 if path.backend != "torchvision" else 0, "dali": {"device": path.dali_device}},
         "optim": {"lr": 0.01, "clip_grad_norm": 1.0}, "schedule": {"epochs": 1, "warmup_epochs": 0, "final_lr_ratio": 1.0},
         "train": {"batch_size": BATCH, "precision": path.precision, "compile": path.compile},
         "run": {"dir": str(work / "run"), "resume": "never", "trackers": []}})
@@ -189,6 +191,8 @@ def plan(device, quick: bool) -> list[Check]:
     paths = [Check(b, p, False, m) for b in BACKENDS for p in precisions for m in METHODS]
     if not quick:  # compiling costs a minute per path on a CPU: once per precision, on the reference loader
         paths += [Check("torchvision", p, True, "selfcon") for p in precisions]
+    if device.type == "cuda":  # DALI's CPU pipeline feeding the GPU
+        paths += [Check("dali", precisions[0], False, m, dali_device="cpu") for m in METHODS]
     return paths
 
 

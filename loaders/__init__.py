@@ -33,14 +33,15 @@ def build_loader(backend: str, cfg: DataConfig, req: LoaderRequest) -> Loader:
     return module.build(cfg, req)
 
 
-# batches a backend decodes ahead of the step: torchvision per worker, DALI's queue, ffcv's batches_ahead
-TORCHVISION_PREFETCH_FACTOR, DALI_QUEUE_DEPTH, FFCV_BATCHES_AHEAD = 4, 2, 3
+# batches a backend decodes ahead of the step: torchvision per worker, ffcv's batches_ahead (DALI's
+# queue is data.dali.prefetch)
+TORCHVISION_PREFETCH_FACTOR, FFCV_BATCHES_AHEAD = 4, 3
 
 
 def prefetch_batches(backend: str, cfg: DataConfig) -> int:
     """How many batches the backend can hold ready before training asks: a throughput measured over
     fewer steps than this (after start-up) measures start-up decoding, not the loader's rate."""
-    return {"torchvision": cfg.num_workers * TORCHVISION_PREFETCH_FACTOR, "dali": DALI_QUEUE_DEPTH,
+    return {"torchvision": cfg.num_workers * TORCHVISION_PREFETCH_FACTOR, "dali": cfg.dali.prefetch,
             "ffcv": FFCV_BATCHES_AHEAD}.get(backend, 0)
 
 

@@ -1,8 +1,10 @@
 """NVIDIA DALI backend: ImageFolder files -> decoded, augmented, normalised batches.
 
 One pipeline definition serves both devices: on CUDA the JPEGs are decoded by nvJPEG
-(``mixed``) and every later op runs on the GPU, so batches never visit the host; on CPU
-(the tests) the same graph runs with ``device_id=None``.
+(``mixed``) and every later op runs on the GPU, so batches never visit the host; with
+``data.dali.device: cpu`` the same graph runs on the CPU and DALI copies each finished batch to
+the GPU; without a GPU (the tests) it runs on the CPU with ``device_id=None``. Threads and the
+prefetch queue are ``data.dali.threads`` (default ``data.num_workers``) and ``data.dali.prefetch``.
 
 Design choices (see DESIGN.md, ``loaders/``):
 
@@ -53,7 +55,7 @@ import torch
 from PIL import Image
 from torchvision import datasets
 
-from loaders import DALI_QUEUE_DEPTH, subset_indices
+from loaders import subset_indices
 from loaders.spec import (BLUR_P, BLUR_SIGMA, COLOUR_STRENGTH, DataConfig, LoaderError, LoaderRequest, blur_kernel,
                           output_dtype, require_path, to_device)
 
@@ -67,9 +69,6 @@ except ImportError as exc:  # re-raised as ImportError so build_loader names the
 log = logging.getLogger(__name__)
 
 READER = "reader"
-# nvJPEG buffer preallocation from NVIDIA's ImageNet example: avoids reallocation stalls
-# when an unusually large image turns up mid-epoch.
-_MIXED_DECODER_ARGS = dict(device_memory_padding=211025920, host_memory_padding=140544512)
 
 
 def _unreadable(path: str) -> Optional[str]:
@@ -115,17 +114,27 @@ def _blur(images, window: int):
     return fn.gaussian_blur(images, window_size=window, sigma=sigma)
 
 
+def placement(cfg: DataConfig, device: torch.device) -> tuple[str, bool]:
+    """(DALI's decoder device, whether DALI copies the finished batch to the GPU): nvJPEG (``mixed``,
+    every later op on the GPU) when training on a GPU unless ``data.dali.device: cpu``, which decodes
+    and augments with the same ops on the CPU and hands over the batch on the GPU."""
+    if device.type != "cuda":
+        return "cpu", False
+    return ("mixed", False) if cfg.dali.device == "gpu" else ("cpu", True)
+
+
 @pipeline_def(enable_conditionals=False)
-def _pipeline(files, labels, root, cfg, req, decode_device):
+def _pipeline(files, labels, root, cfg, req, decode_device, outputs_to_gpu):
     training = req.training
     jpegs, label = fn.readers.file(
         file_root=str(root), files=files, labels=labels, name=READER,
         shard_id=req.rank, num_shards=req.world_size, pad_last_batch=True,
         shuffle_after_epoch=training, stick_to_shard=not training,
         **({"shuffle_after_epoch_seed": req.seed % 2**31} if training else {}))
-    gpu = decode_device == "mixed"
-    decoder_args = dict(device=decode_device, output_type=types.RGB,
-                        **(_MIXED_DECODER_ARGS if gpu else {}))
+    # nvJPEG's buffers: DALI's own defaults, grown on demand. NVIDIA's older ImageNet example padded them
+    # to ImageNet's largest image (211 MB GPU + 140 MB pinned host per decoder thread and op: GBs per
+    # process with two views), to avoid a few reallocations early in the first epoch.
+    decoder_args = dict(device=decode_device, output_type=types.RGB)
     size = cfg.image_size
     dtype = types.FLOAT if output_dtype(cfg) != torch.float16 else types.FLOAT16
     # HWC output viewed as NCHW is channels_last memory at no cost; CHW is the plain layout.
@@ -152,7 +161,9 @@ def _pipeline(files, labels, root, cfg, req, decode_device):
                 images = _blur(images, blur_kernel(size))
             views.append(fn.crop_mirror_normalize(
                 images, mirror=fn.random.coin_flip(probability=0.5), **normalise))
-    return (*views, label.gpu() if gpu else label)
+    if outputs_to_gpu:  # decoded and augmented on the CPU; DALI copies the batch to the GPU
+        views = [v.gpu() for v in views]
+    return (*views, label.gpu() if decode_device == "mixed" or outputs_to_gpu else label)
 
 
 class DALILoader:
@@ -184,14 +195,14 @@ class DALILoader:
         self.files = [str(Path(p).relative_to(root)) for p, _ in samples]
         self.labels = [label for _, label in samples]
         self.req, self.dtype = req, output_dtype(cfg)
-        cuda = req.device.type == "cuda"
         device_id = None  # what DALI needs to run without a driver
-        if cuda:
+        if req.device.type == "cuda":
             device_id = req.device.index if req.device.index is not None else torch.cuda.current_device()
+        self.decode_device, outputs_to_gpu = placement(cfg, req.device)
         pipe = _pipeline(
-            self.files, self.labels, root, cfg, req, "mixed" if cuda else "cpu",
-            batch_size=batch, num_threads=max(1, cfg.num_workers), device_id=device_id,
-            prefetch_queue_depth=DALI_QUEUE_DEPTH,
+            self.files, self.labels, root, cfg, req, self.decode_device, outputs_to_gpu,
+            batch_size=batch, num_threads=cfg.dali.threads or max(1, cfg.num_workers), device_id=device_id,
+            prefetch_queue_depth=cfg.dali.prefetch,
             seed=(req.seed * 65537 + rank) % 2**31)  # augmentations differ between ranks
         pipe.build()
         center = req.augment == "center"

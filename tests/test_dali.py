@@ -151,3 +151,22 @@ def test_the_dali_build_matches_torchs_cuda():
     builds = sorted({d.metadata["Name"].lower() for d in importlib.metadata.distributions()
                      if (d.metadata["Name"] or "").lower().startswith("nvidia-dali-cuda")})
     assert builds == [f"nvidia-dali-cuda{torch.version.cuda.split('.')[0]}0"]
+
+
+def test_device_threads_and_prefetch_come_from_the_recipe(tmp_path):
+    from loaders.dali_loader import placement
+
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    # on a GPU: nvJPEG and GPU ops, or (data.dali.device: cpu) the same ops on the CPU with DALI's copy to the GPU
+    assert placement(DataConfig(), cuda) == ("mixed", False)
+    assert placement(DataConfig(dali={"device": "cpu"}), cuda) == ("cpu", True)
+    for device in ("gpu", "cpu"):  # without a GPU, the CPU either way
+        assert placement(DataConfig(dali={"device": device}), cpu) == ("cpu", False)
+    root = make_image_folder(tmp_path / "img", classes=2, per_class=4)
+    loader = dali(root, "train", "contrastive", cfg=cfg_for(root, dali={"threads": 2, "prefetch": 3, "device": "cpu"}))
+    pipe = loader.iterator._pipes[0]
+    assert (pipe.num_threads, pipe.prefetch_queue_depth, loader.decode_device) == (2, 3, "cpu")
+    assert sum(len(labels) for _, labels in loader) == 8
+    for key, value in (("device", "tpu"), ("threads", 0), ("prefetch", 0)):
+        with pytest.raises(ValueError, match=key):
+            DataConfig(dali={key: value})

@@ -50,3 +50,12 @@ def test_the_selftest_runs_across_two_processes(tmp_path):
     launch("-m", "fasttrain.selftest", "--quick", "--device", "cpu", "--out", out, num_processes=2)
     rows = json.loads(out.read_text())["paths"]
     assert [r["status"] for r in rows if "/" in r["path"]] == ["ok"] * 6  # labels gathered and equal across backends
+
+
+def test_a_gpu_plan_also_checks_dali_decoding_on_the_cpu_for_the_gpu():
+    import torch
+
+    names = [c.name for c in selftest.plan(torch.device("cuda"), quick=True)]
+    assert {"dali(cpu decode)/fp32/eager/selfcon", "dali(cpu decode)/fp32/eager/supcon"} <= set(names)
+    assert "dali/fp16/eager/selfcon" in names  # nvJPEG and every precision the GPU has
+    assert not any("cpu decode" in c.name for c in selftest.plan(torch.device("cpu"), quick=True))
