@@ -4,17 +4,18 @@ a contrastive loss that ends clearly below its collapse value log(N-1)*T/T_base.
 
 Fashion-MNIST from Debian's dataset-fashion-mnist (the bootstrap installs it), a class-balanced
 subset (3,000 train / 3,000 val), the demo's recipe at 16 px, batch 64, for 4 epochs = 188 steps,
-on a ResNet-18 of half width (``model.width=32``: a quarter of the convolutions' cost, 3.7x faster
-on 2 cores) so that the eleven runs take ~13 minutes of a 2-core CI machine. A random ResNet is a
-strong k-NN feature extractor for these images (backbone floor 75.0%, sub-network 68.8%), and
-188 steps move the backbone by +3.4 (SupCon-S, the slowest) to +6.9 points (DSN); a collapsed run
-ends *below* the floor. The margin, 2 points on the same 3,000 validation images, is more than
-twice the standard error of a paired difference in accuracy.
+on a ResNet-18 of quarter width (``model.width=16``: 2.8x faster than half width on 2 cores, with the
+same margins but one) so that the eleven runs take ~10 minutes of a 2-core CI machine. A random
+ResNet is a strong k-NN feature extractor for these images (backbone floor 74.3%, sub-network 68.4%),
+and 188 steps move the backbone by +3.6 (SelfCon-M) to +5.9 points (SupCon); SupCon-S, one view of
+the backbone and so the fewest positives per step, gains +2.8 in 188 steps and gets 282 (6 epochs,
++3.6). A collapsed run ends *below* the floor. The margin, 2 points on the same 3,000 validation
+images, is more than twice the standard error of a paired difference in accuracy.
 
 The self-supervised methods are judged as self-supervised learning is, by the linear evaluation of
 the frozen encoder (30 epochs on cached features, labels used only there), against the floor's
-linear evaluation (backbone 73.0%, sub-network 62.3%): 188 steps move the backbone by +4.8
-(SelfCon-SU) to +6.3 (MixCo) points.
+linear evaluation (backbone 71.3%, sub-network 58.0%): 188 steps move the backbone by +4.0
+(SelfCon-SU) to +6.1 (SimCLR) points.
 """
 import json
 
@@ -30,7 +31,7 @@ from conftest import REPO
 
 TRAIN_PER_CLASS, VAL_PER_CLASS = 300, 300
 MARGIN = 2.0  # k-NN top-1 points above the floor
-SETTINGS = ["data.image_size=16", "model.width=32", "train.batch_size=64", "schedule.epochs=4", "schedule.warmup_epochs=0.5",
+SETTINGS = ["data.image_size=16", "model.width=16", "train.batch_size=64", "schedule.epochs=4", "schedule.warmup_epochs=0.5",
             "linear_eval.enabled=false", "monitor.knn_bank=null", "monitor.knn_val=null", "run.resume=never",
             "monitor.knn_every=4"]
 
@@ -61,6 +62,9 @@ def floor(fashion, tmp_path_factory):
     return {"knn": results["knn"][-1], "linear": linear}
 
 
+# the one method that needs more steps to clear the margin (see the docstring)
+LONGER = {"supcon_s": ["schedule.epochs=6"]}
+
 # the deep-supervision methods with their own exits (CDS's separable-conv stacks after layer1-3) and
 # loss settings; their sub-network exits differ from the floor's, so their backbone is what is compared
 DEEP_SUPERVISION = ["model.exits=[layer1,layer2,layer3]", "model.exit_kind=sepconv", "model.head=none",
@@ -73,7 +77,8 @@ DEEP_SUPERVISION = ["model.exits=[layer1,layer2,layer3]", "model.exit_kind=sepco
 def test_a_short_run_learns_beyond_the_random_floor(fashion, floor, tmp_path, method):
     deep = method in ("dsn", "cds")
     supervised = get_method(method).labels
-    config = recipe(fashion, tmp_path, method, *(DEEP_SUPERVISION if deep else ()), *(() if supervised else LINEAR))
+    config = recipe(fashion, tmp_path, method, *(DEEP_SUPERVISION if deep else ()), *(() if supervised else LINEAR),
+                    *LONGER.get(method, ()))
     results = run(config)
     if supervised:
         learned, reference = results["knn"][-1], floor["knn"]
