@@ -9,6 +9,11 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(REPO / ".cache" / "inductor"))
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # pytest -n N: N tests at once, one compute thread each (and in what they start), so that N
+    # workers on N cores never fight over OpenMP threads
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 
 def make_image_folder(root: Path, classes: int = 3, per_class: int = 4, size=(64, 48),

@@ -15,7 +15,7 @@ import torch
 from conftest import REPO, make_image_folder
 from fasttrain.engine import checkpoint
 from fasttrain.engine.faults import Stopped, describe_os_error, replacing, sweep_stale_temps
-from test_run import ACCELERATE, ENV, PYTHON, launch, write_recipe
+from test_run import ACCELERATE, ENV, FREE_PORT, PYTHON, launch, write_recipe
 
 DEAD_PID = 999_999_999  # above any pid_max: never a running process
 
@@ -94,7 +94,7 @@ def test_sigterm_to_accelerate_launch_stops_the_trainers(tmp_path, data, num_pro
     mode = ["--multi_gpu"] if num_processes > 1 else ["--cpu"]
     env = {**ENV, "ACCELERATE_USE_CPU": "1"}
     launcher = subprocess.Popen([ACCELERATE, "launch", "-q", *mode, "--num_processes", str(num_processes),
-                                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", *FREE_PORT,
                                  "fasttrain/run.py", str(recipe)], cwd=REPO, env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     wait_for_steps(tmp_path / "run", launcher)
@@ -120,7 +120,7 @@ def test_sigterm_mid_epoch_then_resume_equals_the_run_never_stopped(tmp_path, da
                     linear_eval={"enabled": False}, monitor={"knn_every": 0})  # 24 images: 6 steps per epoch
     mode = ["--multi_gpu"] if num_processes > 1 else ["--cpu"]
     command = [ACCELERATE, "launch", "-q", *mode, "--num_processes", str(num_processes), "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", "fasttrain/run.py"]
+               "--mixed_precision", "no", "--dynamo_backend", "no", *FREE_PORT, "fasttrain/run.py"]
     env = {**ENV, "ACCELERATE_USE_CPU": "1"}
     (tmp_path / "never").mkdir()
     subprocess.run([*command, str(write_recipe(tmp_path / "never", data, **settings))], cwd=REPO, env=env,

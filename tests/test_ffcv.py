@@ -206,7 +206,14 @@ def test_sigterm_during_writing_removes_the_temp_file_and_shared_memory(tmp_path
     root = make_image_folder(tmp_path / "img", classes=2, per_class=4)
     (tmp_path / "out.beton").write_bytes(b"previous")
     (tmp_path / ".out.beton.tmp-999999999").write_bytes(b"left by a conversion killed earlier")
+    created = tmp_path / "shared_memory_created"
     code = ("import os, signal, sys\n"
+            "from multiprocessing import shared_memory\n"
+            "class Recorded(shared_memory.SharedMemory):\n"  # names its segments, whatever else runs alongside
+            "    def __init__(self, *args, **kwargs):\n"
+            "        super().__init__(*args, **kwargs)\n"
+            f"        open({str(created)!r}, 'a').write(self.name.lstrip('/') + '\\n')\n"
+            "shared_memory.SharedMemory = Recorded\n"
             "from loaders import ffcv_convert\n"
             "read = ffcv_convert._ImageDataset.__getitem__\n"
             "def signal_parent(self, index):\n"
@@ -215,12 +222,12 @@ def test_sigterm_during_writing_removes_the_temp_file_and_shared_memory(tmp_path
             "    return read(self, index)\n"
             "ffcv_convert._ImageDataset.__getitem__ = signal_parent\n"
             f"sys.exit(ffcv_convert.main([{str(root)!r}, {str(tmp_path / 'out.beton')!r}, '--num-workers', '1']))\n")
-    shared_before = set(os.listdir("/dev/shm"))
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 143 and "stopped by SIGTERM" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr and "leaked" not in proc.stderr
     assert leftovers(tmp_path) == ["out.beton"] and (tmp_path / "out.beton").read_bytes() == b"previous"
-    assert set(os.listdir("/dev/shm")) - shared_before == set()
+    segments = created.read_text().split()
+    assert segments and not set(segments) & set(os.listdir("/dev/shm")), segments
 
 
 def test_cli_bad_input_exits_2_with_one_line(tmp_path, capsys):

@@ -17,6 +17,8 @@ from conftest import REPO, make_image_folder
 PYTHON = sys.executable
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+# a free port for every launch: tests running side by side (pytest -n) never meet on 29500
+FREE_PORT = ["--main_process_port", "0"]
 
 
 def write_recipe(tmp_path, data_root, method="selfcon", **sections):
@@ -49,7 +51,7 @@ def launch(*args, accelerate=True, num_processes=1, check=True, timeout=600):
     if accelerate:
         # several CPU processes: --multi_gpu with ACCELERATE_USE_CPU=1 (--cpu would start only one)
         mode = ["--multi_gpu"] if num_processes > 1 else ["--cpu"]
-        cmd = [ACCELERATE, "launch", "-q", *mode, "--num_processes", str(num_processes), *map(str, args)]
+        cmd = [ACCELERATE, "launch", "-q", *mode, "--num_processes", str(num_processes), *FREE_PORT, *map(str, args)]
     else:
         cmd = [PYTHON, *map(str, args)]
     env = {**ENV, "ACCELERATE_USE_CPU": "1"} if num_processes > 1 else ENV
@@ -231,7 +233,7 @@ def test_a_launch_whose_processes_are_not_one_group_is_refused(tmp_path, data):
     # --multi_gpu without the CPU switch on a machine without GPUs starts two lone processes
     recipe = write_recipe(tmp_path, data)
     env = {k: v for k, v in ENV.items() if k != "ACCELERATE_USE_CPU"}
-    proc = subprocess.run([ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "fasttrain/run.py",
+    proc = subprocess.run([ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", *FREE_PORT, "fasttrain/run.py",
                            str(recipe)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert "fasttrain: error: WORLD_SIZE=2 but this process is alone in its group" in proc.stderr
