@@ -10,7 +10,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 from fasttrain.engine.faults import save_figure, write_bytes  # noqa: F401  (save_figure: for the benchmarks)
 
@@ -37,6 +37,45 @@ def recipe_for(tree: dict, overrides: Sequence[str] = ()):
         first = exc.errors()[0]
         key = ".".join(str(p) for p in first["loc"]) or "recipe"
         raise RecipeError(f"benchmark recipe: {key}: {first['msg']}") from None
+
+
+class SyntheticStep(NamedTuple):
+    method: object  # fasttrain.methods.Method
+    accelerator: object
+    model: object
+    step: object  # fasttrain.engine.trainer.TrainStep
+    batch: int  # images per process
+    views: tuple  # the method's views, made once on the device
+    labels: object
+
+
+def synthetic_step(recipe, num_classes: int, total_updates: int) -> SyntheticStep:
+    """The trainer's own step for ``recipe`` (make_accelerator -> training_model -> build_optimizer ->
+    accelerator.prepare -> TrainStep), fed random images made once on the device (what a GPU-side
+    loader hands over): no loading is measured."""
+    import torch
+
+    from fasttrain.engine.optim import build_optimizer
+    from fasttrain.engine.trainer import TrainStep, make_accelerator, per_process_batch, training_model
+    from fasttrain.methods import get_method
+    from fasttrain.recipe import objective
+
+    method = get_method(recipe.method)
+    accelerator = make_accelerator(recipe, log_with=())
+    device, batch = accelerator.device, per_process_batch(recipe, accelerator)
+    model = training_model(recipe, method, num_classes, accelerator.num_processes)
+    optimizer = build_optimizer(model, recipe.optim)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    step = TrainStep(accelerator, model, objective(recipe), optimizer, total_updates=total_updates,
+                     warmup_updates=0, final_lr_ratio=recipe.schedule.final_lr_ratio)
+    model.train()
+    gen = torch.Generator(device=device).manual_seed(0)
+    fmt = torch.channels_last if recipe.train.channels_last else torch.contiguous_format
+    shape = (batch, 3, recipe.data.image_size, recipe.data.image_size)
+    views = tuple(torch.randn(shape, generator=gen, device=device).contiguous(memory_format=fmt)
+                  for _ in range(method.num_views))
+    labels = torch.randint(0, num_classes, (batch,), generator=gen, device=device)
+    return SyntheticStep(method, accelerator, model, step, batch, views, labels)
 
 
 # ---------------------------------------------------------------- worker processes

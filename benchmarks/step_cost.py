@@ -24,7 +24,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (bar_chart, markdown_table, parts_chart, recipe_for, run_worker,  # noqa: E402
-                               shown, summarize, write_json, write_report)
+                               shown, summarize, synthetic_step, write_json, write_report)
 from fasttrain.engine.profiling import TRACE_NAME, parts_table  # noqa: E402
 
 METHODS = ("ce", "supcon", "selfcon_m", "supcon_s", "selfcon", "dsn", "cds", "simclr", "selfcon_su", "selfcon_mu",
@@ -90,10 +90,6 @@ def measure(args, method_name: str) -> dict:
     import torch
 
     from fasttrain.engine.metrics import PeakMemory
-    from fasttrain.engine.optim import build_optimizer
-    from fasttrain.engine.trainer import TrainStep, make_accelerator, per_process_batch, training_model
-    from fasttrain.recipe import objective
-    from fasttrain.methods import get_method
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -109,25 +105,9 @@ def measure(args, method_name: str) -> dict:
             "linear_eval": {"enabled": False},
             "run": {"dir": run_dir, "resume": "never"},
         })
-        method = get_method(recipe.method)
-        accelerator = make_accelerator(recipe, log_with=())
-        device = accelerator.device
-        batch = per_process_batch(recipe, accelerator)
-        model = training_model(recipe, method, NUM_CLASSES, accelerator.num_processes)
-        optimizer = build_optimizer(model, recipe.optim)
-        model, optimizer = accelerator.prepare(model, optimizer)
-        total = args.warmup + args.steps
-        step = TrainStep(accelerator, model, objective(recipe), optimizer, total_updates=total,
-                         warmup_updates=0, final_lr_ratio=recipe.schedule.final_lr_ratio)
-        model.train()
-
-        # the input, made once on the device (what a GPU-side loader hands over)
-        gen = torch.Generator(device=device).manual_seed(0)
-        fmt = torch.channels_last if recipe.train.channels_last else torch.contiguous_format
-        shape = (batch, 3, args.image_size, args.image_size)
-        views = tuple(torch.randn(shape, generator=gen, device=device).contiguous(memory_format=fmt)
-                      for _ in range(method.num_views))
-        labels = torch.randint(0, NUM_CLASSES, (batch,), generator=gen, device=device)
+        bench = synthetic_step(recipe, NUM_CLASSES, total_updates=args.warmup + args.steps)
+        method, accelerator, model, step = bench.method, bench.accelerator, bench.model, bench.step
+        device, batch, views, labels = accelerator.device, bench.batch, bench.views, bench.labels
 
         memory = PeakMemory(device)
         cuda = device.type == "cuda"

@@ -50,6 +50,7 @@ def parse_args(argv=None):
     p.add_argument("--precision", choices=("bf16", "fp16", "fp32"), default="bf16")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                    help="the recipes' default (on)")
+    p.add_argument("--compile", action="store_true", help="train.compile (the warm-up steps include compiling)")
     p.add_argument("--workers", type=int, default=2, help="data.num_workers")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads of the training process")
     p.add_argument("--timeout", type=float, default=1200, help="seconds allowed per backend")
@@ -105,7 +106,7 @@ def measure(args) -> dict:
     epochs = -(-total // per_epoch)
     row = {"backend": args.backend, "arch": args.arch, "method": args.method, "batch_size": args.batch_size,
            "image_size": args.image_size, "precision": args.precision, "channels_last": args.channels_last,
-           "workers": args.workers, "prefetch_batches": depth, "skipped_steps": skip,
+           "workers": args.workers, "compile": args.compile, "prefetch_batches": depth, "skipped_steps": skip,
            "timed_steps": epochs * min(per_epoch, total) - skip, "epochs": epochs}
     row["prefetch_bias_bound"] = depth / row["timed_steps"]
     with tempfile.TemporaryDirectory(prefix="train-throughput-") as run_dir:
@@ -117,6 +118,7 @@ def measure(args) -> dict:
                      **({"num_classes": args.num_classes, "synthetic_samples": args.batch_size * total}
                         if synthetic else {})},
             "train": {"batch_size": args.batch_size, "precision": args.precision, "channels_last": args.channels_last,
+                      "compile": args.compile,
                       "max_steps_per_epoch": min(per_epoch, total), "log_every": min(per_epoch, total)},
             "schedule": {"epochs": epochs, "warmup_epochs": 0},
             "linear_eval": {"enabled": False},
@@ -150,7 +152,7 @@ def worker_args(args, backend: str, source: Path, classes: int) -> list:
            "--images", count_images(args.data), "--arch", args.arch, "--method", args.method,
            "--batch-size", args.batch_size, "--image-size", args.image_size, "--steps", args.steps,
            "--precision", args.precision, "--channels-last" if args.channels_last else "--no-channels-last",
-           "--workers", args.workers]
+           "--workers", args.workers] + (["--compile"] if args.compile else [])
     return out + (["--threads", args.threads] if args.threads else []) + \
         (["--skip", args.skip] if args.skip is not None else []) + \
         ["--out", args.out, "--profile-steps", args.profile_steps]

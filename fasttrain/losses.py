@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.distributed._functional_collectives import all_gather_single_autograd
+from torch.distributed.nn.functional import all_gather as all_gather_with_grad
 
 from fasttrain.engine.profiling import mark
 
@@ -33,7 +33,8 @@ def _gather(features: torch.Tensor, labels: Optional[torch.Tensor]):
     if world == 1:
         return features, labels, 0
     with mark("gather"):
-        gathered = all_gather_single_autograd(features.contiguous(), 0, dist.group.WORLD)
+        # torch.distributed.nn's all_gather: public since torch 1.8, backward reduce-scatters (sums)
+        gathered = torch.cat(all_gather_with_grad(features.contiguous()))
         if labels is not None:
             parts = [torch.empty_like(labels) for _ in range(world)]
             dist.all_gather(parts, labels.contiguous())

@@ -66,19 +66,25 @@ def environment(device) -> dict:
     return facts
 
 
-def make_folder(root: Path, classes: int = 4, per_class: int = 8) -> Path:
-    """Textured JPEGs, one base colour per class (train/ and val/)."""
+def make_folder(root: Path, classes: int = 4, per_class: int = 8, size: tuple[int, int] = (48, 40),
+                val_per_class: int | None = None, quality: int = 90) -> Path:
+    """JPEGs in train/ and val/ class folders, one base colour per class: a smooth random pattern
+    (a coarse grid, upsampled) plus fine noise, so that larger ones compress and decode like photos.
+    ``size`` is (width, height)."""
     import numpy as np
     from PIL import Image
     rng = np.random.default_rng(0)
-    for split, count in (("train", per_class), ("val", per_class // 2)):
+    width, height = size
+    bases = rng.integers(40, 216, size=(classes, 3))
+    for split, count in (("train", per_class), ("val", per_class // 2 if val_per_class is None else val_per_class)):
         for c in range(classes):
             folder = root / split / f"class_{c}"
             folder.mkdir(parents=True, exist_ok=True)
-            base = rng.integers(0, 256, size=3)
             for i in range(count):
-                pixels = np.clip(base + rng.integers(-50, 50, size=(40, 48, 3)), 0, 255).astype(np.uint8)
-                Image.fromarray(pixels).save(folder / f"{i}.jpg", quality=90)
+                coarse = rng.integers(68, 188, size=(6, 8, 3)).astype(np.uint8)  # 128 +- 60
+                pattern = np.asarray(Image.fromarray(coarse).resize((width, height), Image.BICUBIC), np.int16) - 128
+                pixels = bases[c] + pattern + rng.integers(-25, 25, size=(height, width, 3))
+                Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(folder / f"{i}.jpg", quality=quality)
     return root
 
 
@@ -182,7 +188,8 @@ def run_check(path: Check, split_paths: dict, work: Path, device_type: str) -> d
             "last_loss": losses[-1], "val_labels": val_labels}
 
 
-def plan(device, quick: bool) -> list[Check]:
+def plan(device, quick: bool, compiled: tuple[str, ...] | None = None) -> list[Check]:
+    """``compiled``: the precisions whose compiled path runs (default: every one, none with ``quick``)."""
     import torch
     if device.type == "cuda":
         precisions = ["fp32", "fp16"] + (["bf16"] if torch.cuda.is_bf16_supported() else [])
@@ -190,7 +197,7 @@ def plan(device, quick: bool) -> list[Check]:
         precisions = ["fp32"] if quick else ["fp32", "bf16"]
     paths = [Check(b, p, False, m) for b in BACKENDS for p in precisions for m in METHODS]
     if not quick:  # compiling costs a minute per path on a CPU: once per precision, on the reference loader
-        paths += [Check("torchvision", p, True, "selfcon") for p in precisions]
+        paths += [Check("torchvision", p, True, "selfcon") for p in precisions if compiled is None or p in compiled]
     if device.type == "cuda":  # DALI's CPU pipeline feeding the GPU
         paths += [Check("dali", precisions[0], False, m, dali_device="cpu") for m in METHODS]
     return paths
@@ -227,6 +234,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--quick", action="store_true", help="fp32 only, no compilation (about a minute on a CPU)")
+    parser.add_argument("--compile-precisions", help="comma-separated: compile only these precisions' paths "
+                        "(default: every precision; each compile costs tens of seconds)")
     parser.add_argument("--data", type=Path, help="an image folder with train/ and val/ (default: made here)")
     parser.add_argument("--out", type=Path, default=Path("selftest.json"))
     args = parser.parse_args(argv)
@@ -252,7 +261,8 @@ def main(argv=None) -> int:
         missing = {b: installed(b) for b in BACKENDS}
         ready = [b for b in BACKENDS if missing[b] is None]
         split_paths = sources(data, ready, work)
-        for path in plan(device, args.quick):
+        compiled = tuple(args.compile_precisions.split(",")) if args.compile_precisions else None
+        for path in plan(device, args.quick, compiled):
             if missing[path.backend]:
                 rows.append({"path": path.name, "status": f"skipped: {missing[path.backend]}"})
                 continue

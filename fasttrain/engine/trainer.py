@@ -139,7 +139,7 @@ class TrainStep:
                 self.optimizer.zero_grad(set_to_none=True)
                 self.nonfinite_in_a_row += 1
                 self.nonfinite_steps += 1
-                return loss.detach(), {**logs, "nonfinite_steps": torch.tensor(float(self.nonfinite_steps))}
+                return loss.detach(), {**logs, "nonfinite_steps": self._count(loss)}
             self.nonfinite_in_a_row = 0
             with mark("backward"):
                 self.accelerator.backward(loss)
@@ -152,7 +152,11 @@ class TrainStep:
                     self.updates += 1
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
-        return loss.detach(), {**logs, "nonfinite_steps": torch.tensor(float(self.nonfinite_steps))}
+        return loss.detach(), {**logs, "nonfinite_steps": self._count(loss)}
+
+    def _count(self, loss: torch.Tensor) -> torch.Tensor:
+        """The skipped-step count as a log entry: on the loss's device, like every other entry."""
+        return torch.full((), float(self.nonfinite_steps), device=loss.device)
 
     def _finite(self, loss: torch.Tensor) -> bool:
         finite = torch.isfinite(loss.detach()).float().reshape(1)
