@@ -7,9 +7,10 @@ setup(
     packages=find_packages(include=["fasttrain", "fasttrain.*", "loaders", "loaders.*"]),
     python_requires=">=3.10",
     install_requires=[
-        "torch==2.14.1",
-        "torchvision==0.29.1",
-        "accelerate>=1.0",
+        # the supported range; CI tests both ends (scripts/bootstrap.sh pins the newest, .ci/run the oldest)
+        "torch>=2.11,<2.15",
+        "torchvision>=0.26,<0.30",
+        "accelerate>=1.10",
         "timm>=1.0",
         "pydantic>=2.5",
         "pyyaml",

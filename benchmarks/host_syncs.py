@@ -96,7 +96,7 @@ def count(method: str, args) -> dict:
             "data": {"image_size": args.image_size, "num_classes": 10},
             "train": {"batch_size": args.batch_size, "precision": args.precision, "channels_last": True},
             "schedule": {"epochs": 1, "warmup_epochs": 0}, "linear_eval": {"enabled": False},
-            "run": {"dir": run_dir, "resume": "never"}})
+            "run": {"dir": run_dir, "resume": "never"}, **getattr(args, "overrides", {})})
         bench = synthetic_step(recipe, 10, total_updates=args.warmup + args.steps)
         for _ in range(args.warmup):
             bench.step(bench.views, bench.labels)

@@ -101,16 +101,17 @@ def _measure(rank: int, world: int, port: int, args, queue) -> None:
             dist.barrier()
         if i:
             times.append(time.perf_counter() - start)
-    peak = memory.peak_bytes()
-    worst = torch.tensor([max(times), float(peak)], dtype=torch.float64)
+    peak = memory.peak_above_reset()  # what the loss added above its inputs, on either device
+    # on the device: an NCCL group reduces only GPU tensors
+    worst = torch.tensor([max(times), float(peak)], dtype=torch.float64, device=device)
     if world > 1:
-        stats = torch.tensor(times, dtype=torch.float64)
+        stats = torch.tensor(times, dtype=torch.float64, device=device)
         dist.all_reduce(stats, op=dist.ReduceOp.MAX)  # repeat by repeat, the slowest process
         times = stats.tolist()
         dist.all_reduce(worst, op=dist.ReduceOp.MAX)
         dist.destroy_process_group()
     if rank == 0:
-        queue.put({"times": times, "peak": int(worst[1]), "kind": memory.kind})
+        queue.put({"times": times, "peak": int(worst[1]), "kind": memory.kind + ("_above_inputs" if cuda else "")})
 
 
 def worker(args) -> dict:

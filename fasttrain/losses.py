@@ -78,6 +78,16 @@ def _index(values: tuple, device: torch.device) -> torch.Tensor:
     return torch.tensor(values, device=device)
 
 
+def _group_index(labels: torch.Tensor) -> torch.Tensor:
+    """For each row, the index of its label among the distinct labels (``torch.unique``'s inverse),
+    computed with shapes fixed by the input alone: ``torch.unique`` and ``bincount`` size their
+    outputs by the data, which makes the host wait for the device every step."""
+    ordered, order = labels.sort(stable=True)
+    starts = torch.ones_like(ordered, dtype=torch.long)
+    starts[1:] = (ordered[1:] != ordered[:-1]).long()
+    return torch.empty_like(order).scatter_(0, order, starts.cumsum(0) - 1)
+
+
 def _masked_logits(anchors, contrast, own_column, temperature):
     logits = (anchors @ contrast.T).div_(temperature)
     logits[torch.arange(logits.shape[0], device=logits.device), own_column] = _MASKED
@@ -116,10 +126,12 @@ def supcon_terms(features: torch.Tensor, labels: Optional[torch.Tensor] = None, 
         own_column = (offset + rows) * views + _index(tuple(anchor_views), device).repeat(batch)
         log_norm = _ContrastLogSumExp.apply(anchors, flat, own_column, temperature)  # [B*A] of a [B*A, B_global*V] row
 
-        label_ids, label_index = torch.unique(all_labels.to(device), return_inverse=True)
+        label_index = _group_index(all_labels.to(device))
         per_feature = label_index.repeat_interleave(views)
-        sums = torch.zeros(len(label_ids), dim, device=device).index_add_(0, per_feature, flat)
-        counts = torch.bincount(per_feature, minlength=len(label_ids))
+        groups = contrast.shape[0]  # at most one group per row: a size known without reading the labels
+        sums = torch.zeros(groups, dim, device=device).index_add_(0, per_feature, flat)
+        counts = torch.zeros(groups, dtype=torch.long, device=device).index_add_(
+            0, per_feature, torch.ones_like(per_feature))
         anchor_label = label_index[offset + rows]
         num_pos = counts[anchor_label] - 1  # every feature with the anchor's label, less itself
         positive_logits = (anchors * (sums[anchor_label] - anchors)).sum(1) / temperature

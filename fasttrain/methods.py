@@ -29,7 +29,7 @@ class Layout(NamedTuple):
     mix_lambda: Optional[torch.Tensor] = None
 
 
-LossFn = Callable[["Objective", EncoderOutput, torch.Tensor, Layout], "tuple[torch.Tensor, dict]"]
+LossFn = Callable[["Objective", EncoderOutput, torch.Tensor, Layout, bool], "tuple[torch.Tensor, dict]"]
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ class Method:
     name: str
     num_views: int
     uses_subnetwork: bool  # exits at recipe model.exits
-    loss: LossFn  # (objective, encoder output, labels, views) -> (loss, logs)
+    loss: LossFn  # (objective, encoder output, labels, layout, detail) -> (loss, logs); detail: per-exit logs too
     contrastive: bool  # a contrastive term: every feature of the global batch in one loss (no accumulation)
     classifiers: Literal["none", "backbone", "every_exit"]  # trained jointly with the encoder
     evaluation: Literal["linear", "classifier"]  # linear: frozen encoder; classifier: the trained ones (1-stage)
@@ -56,13 +56,15 @@ class Method:
         return self.num_views * (1.5 if self.mix else 1)
 
 
-def _ce(obj: "Objective", out: EncoderOutput, labels, layout: Layout):
+def _ce(obj: "Objective", out: EncoderOutput, labels, layout: Layout, detail: bool):
     loss = cross_entropy(out.logits, labels, obj.label_smoothing)
+    if not detail:
+        return loss, {"loss": loss.detach()}
     top1 = (out.logits.detach().argmax(1) == labels).float().mean()
-    return loss, {"loss/ce": loss.detach(), "train_top1": top1, "spread/backbone": spread(out.logits)}
+    return loss, {"loss": loss.detach(), "train_top1": top1, "spread/backbone": spread(out.logits)}
 
 
-def _supcon_family(obj: "Objective", out: EncoderOutput, labels, layout: Layout):
+def _supcon_family(obj: "Objective", out: EncoderOutput, labels, layout: Layout, detail: bool):
     """SupCon, SupCon-S, SelfCon, SelfCon-M, SimCLR: one supcon_loss over every (view, exit) column;
     with loss.alpha, paper Eq. 7: backbone anchors contrast backbone features only (for the
     self-supervised SelfCon, the rule of the paper's Appendix C.2)."""
@@ -77,29 +79,33 @@ def _supcon_family(obj: "Objective", out: EncoderOutput, labels, layout: Layout)
         per_anchor, valid = supcon_terms(features, labels, **terms)
         loss = masked_mean(per_anchor, valid)
         logs = {f"loss/{name}": masked_mean(per_anchor[:, e::num_exits].detach(), valid[:, e::num_exits])
-                for e, name in enumerate(exit_names(num_exits))}
+                for e, name in enumerate(exit_names(num_exits))} if detail else {}
     else:  # L = 1/(1+a) L_sup(backbone) + a/(1+a) L_self(all exits, sub-network anchors)
         sup, sup_valid = supcon_terms(features[:, backbone], labels, **terms)
         sub, sub_valid = supcon_terms(features, labels, anchor_views=subnet, **terms)
         sup, sub = masked_mean(sup, sup_valid), masked_mean(sub, sub_valid)
         loss = (sup + obj.alpha * sub) / (1 + obj.alpha)
         logs = {"loss/backbone": sup.detach(), "loss/subnetworks": sub.detach()}
+    if not detail:
+        return loss, {"loss": loss.detach()}
     spreads = {f"spread/{n}": spread(z) for n, z in zip(exit_names(num_exits), out.projections)}
     return loss, {"loss": loss.detach(), **logs, **spreads}
 
 
-def _dsn(obj: "Objective", out: EncoderOutput, labels, layout: Layout):
+def _dsn(obj: "Objective", out: EncoderOutput, labels, layout: Layout, detail: bool):
     """Deeply-supervised nets: CE(backbone classifier) + w * sum of CE(classifier of each exit)."""
     names = exit_names(len(out.features))
     per_exit = [cross_entropy(logits, labels, obj.label_smoothing) for logits in (*out.sub_logits, out.logits)]
     loss = per_exit[-1] + obj.aux_weight * sum(per_exit[:-1])
+    if not detail:
+        return loss, {"loss": loss.detach()}
     logs = {f"loss/ce/{n}": l.detach() for n, l in zip(names, per_exit)}
     logs["train_top1"] = (out.logits.detach().argmax(1) == labels).float().mean()
     return loss, {"loss": loss.detach(), **logs,
                   **{f"spread/{n}": spread(l) for n, l in zip(names, (*out.sub_logits, out.logits))}}
 
 
-def _cds(obj: "Objective", out: EncoderOutput, labels, layout: Layout):
+def _cds(obj: "Objective", out: EncoderOutput, labels, layout: Layout, detail: bool):
     """Contrastive deep supervision: CE(backbone classifier on view 1) + lambda * sum over exits of
     SupCon (SimCLR without labels) between the exit's two views. As the official code, the sum
     includes the backbone's own feature; the paper's equation sums the intermediate stages only."""
@@ -110,12 +116,14 @@ def _cds(obj: "Objective", out: EncoderOutput, labels, layout: Layout):
                             temperature=obj.temperature, base_temperature=obj.base_temperature)
                 for z in out.projections]
     loss = ce + obj.aux_weight * sum(contrast)
+    if not detail:
+        return loss, {"loss": loss.detach()}
     logs = {"loss/ce": ce.detach(), **{f"loss/contrast/{n}": c.detach() for n, c in zip(names, contrast)}}
     logs["train_top1"] = (out.logits.detach()[:batch].argmax(1) == labels).float().mean()
     return loss, {"loss": loss.detach(), **logs, **{f"spread/{n}": spread(z) for n, z in zip(names, out.projections)}}
 
 
-def _mixco(obj: "Objective", out: EncoderOutput, labels, layout: Layout):
+def _mixco(obj: "Objective", out: EncoderOutput, labels, layout: Layout, detail: bool):
     """MixCo on SimCLR: NT-Xent between the two views, plus mix_weight times the soft InfoNCE of each
     view's mixes against the other view (target: lambda on the first source, 1 - lambda on the
     second), averaged over the two views as the official code does."""
@@ -128,6 +136,8 @@ def _mixco(obj: "Objective", out: EncoderOutput, labels, layout: Layout):
     mix = sum(mix_contrast_loss(mixes[v], views[1 - v], layout.mix_lambda[v], first, first + half,
                                 temperature=obj.mix_temperature) for v in (0, 1)) / 2
     loss = base + obj.mix_weight * mix
+    if not detail:
+        return loss, {"loss": loss.detach()}
     return loss, {"loss": loss.detach(), "loss/ntxent": base.detach(), "loss/mix": mix.detach(),
                   "spread/backbone": spread(z[:2 * batch])}
 
@@ -217,9 +227,10 @@ class Objective:
             raise ValueError(f"loss.alpha=0 leaves method={self.method.name} without a loss (one view, no labels: "
                              f"only the sub-network term has positives)")
 
-    def __call__(self, model, views: Sequence[torch.Tensor], labels: torch.Tensor):
-        """The loss and what to log: the loss's terms and ``spread/<exit>``, the collapse metric of
-        what the loss reads (projections; for cross-entropy, the logits)."""
+    def __call__(self, model, views: Sequence[torch.Tensor], labels: torch.Tensor, detail: bool = True):
+        """The loss and what to log: ``loss``, and with ``detail`` (a step whose logs are read) the
+        loss's terms and ``spread/<exit>``, the collapse metric of what the loss reads (projections;
+        for cross-entropy, the logits)."""
         if len(views) != self.method.num_views:
             raise ValueError(f"{self.method.name} needs {self.method.num_views} view(s), got {len(views)}")
         layout = Layout(len(views))
@@ -231,7 +242,7 @@ class Objective:
         with mark("forward"):
             out = model(build_batch(views, layout.mix_lambda), project=self.method.contrastive)
         with mark("loss"):
-            return self.method.loss(self, out, labels, layout)
+            return self.method.loss(self, out, labels, layout, detail)
 
     def contrast_labels(self, labels: torch.Tensor) -> Optional[torch.Tensor]:
         """The labels a contrastive term may read: none for a self-supervised method."""

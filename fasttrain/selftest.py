@@ -8,8 +8,7 @@ installed loader backend x each precision the device supports x compile off/on, 
 Each path is checked for: views as the loader contract says (count, dtype, channels_last, device),
 a finite loss that falls over repeated steps on one fixed batch, a finite linear-evaluation step, the
 peak memory, and, across backends, the same labels for the same validation files. On a GPU this
-exercises DALI's `mixed` decoder, FFCV's ToDevice, fp16 with loss scaling, CUDA-event timing,
-`max_memory_allocated`, torch.compile on CUDA and NCCL gathers; without one they are reported as
+exercises DALI's `mixed` decoder, FFCV's ToDevice, fp16 with loss scaling, `max_memory_allocated`, torch.compile on CUDA and NCCL gathers; without one they are reported as
 skipped, with the reason. Exit status 1 if any path the device should run failed.
 """
 from __future__ import annotations
@@ -30,7 +29,7 @@ if __package__ in (None, ""):
 
 BACKENDS = ("torchvision", "dali", "ffcv")
 METHODS = ("selfcon", "supcon")
-GPU_ONLY = ("dali mixed (nvJPEG) decoding", "dali CPU decoding feeding the GPU (data.dali.device: cpu)", "ffcv ToDevice", "fp16 with loss scaling", "CUDA-event timing",
+GPU_ONLY = ("dali mixed (nvJPEG) decoding", "dali CPU decoding feeding the GPU (data.dali.device: cpu)", "ffcv ToDevice", "fp16 with loss scaling",
             "torch.cuda.max_memory_allocated", "torch.cuda.mem_get_info (whole-device memory)",
             "torch.compile on CUDA", "NCCL gather across processes")
 STEPS, BATCH, SIZE = 8, 8, 32

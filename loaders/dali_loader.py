@@ -13,8 +13,9 @@ Design choices (see DESIGN.md, ``loaders/``):
   backend by construction (DALI's own ``file_root`` walk also sorts folder names bytewise,
   but it filters extensions and empty folders differently).
 * Corrupt files. DALI cannot skip a sample it fails to decode: the whole pipeline raises.
-  So every file is checked once at build time (PIL header parse + ``verify()``, a few KB
-  read per file, on ``num_workers`` threads); unreadable ones are excluded, named in one
+  So every file a request reads is checked once per process when its loader is built (PIL header
+  parse + ``verify()``, a few KB read per file, on ``num_workers`` threads; a k-NN bank of 10,000
+  images checks those 10,000, not the split); unreadable ones are excluded, named in one
   warning and recorded in ``skipped``. A file whose header is fine but whose entropy data
   is damaged is not caught; such a file would stop the run with DALI's error naming it.
 * Sharding. ``shard_id``/``num_shards`` = rank/world size. Training keeps the first
@@ -44,6 +45,7 @@ Design choices (see DESIGN.md, ``loaders/``):
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from concurrent.futures import ThreadPoolExecutor
@@ -80,16 +82,33 @@ def _unreadable(path: str) -> Optional[str]:
     return None
 
 
-def scan(root: Path, key: str, threads: int) -> tuple[list[tuple[str, int]], list[str], list[str]]:
-    """(readable (path, label) pairs, class names, unreadable file reports) of an ImageFolder."""
+@functools.lru_cache(maxsize=8)
+def _image_folder(root: str) -> tuple[tuple[tuple[str, int], ...], tuple[str, ...]]:
+    """torchvision's ImageFolder scan of a split, once per process (training, the k-NN bank and the
+    linear evaluation read the same split)."""
+    folder = datasets.ImageFolder(root)
+    return tuple(folder.samples), tuple(folder.classes)
+
+
+@functools.lru_cache(maxsize=65536)
+def _unreadable_cached(path: str) -> Optional[str]:
+    return _unreadable(path)
+
+
+def scan(root: Path, key: str, threads: int, subset: Optional[int] = None,
+         seed: int = 0) -> tuple[list[tuple[str, int]], list[str], list[str]]:
+    """(readable (path, label) pairs, class names, unreadable file reports) of the files of an
+    ImageFolder a request reads: all, or its ``subset`` (drawn as ``loaders.subset_indices`` draws it).
+    Only those files are opened, and each only once per process."""
     try:
-        folder = datasets.ImageFolder(root)
+        all_samples, classes = _image_folder(str(root))
     except (FileNotFoundError, RuntimeError) as exc:  # no class folders / no images
         raise LoaderError(f"{key}: {exc}") from exc
+    chosen = [all_samples[i] for i in subset_indices(len(all_samples), subset, seed)]
     with ThreadPoolExecutor(max(1, threads)) as pool:  # I/O bound: threads overlap file opens
-        reports = list(pool.map(_unreadable, (p for p, _ in folder.samples), chunksize=256))
-    samples = [s for s, bad in zip(folder.samples, reports) if bad is None]
-    return samples, folder.classes, [r for r in reports if r is not None]
+        reports = list(pool.map(_unreadable_cached, (p for p, _ in chosen), chunksize=256))
+    samples = [s for s, bad in zip(chosen, reports) if bad is None]
+    return samples, list(classes), [r for r in reports if r is not None]
 
 
 def _colour(images, strength):
@@ -170,12 +189,11 @@ class DALILoader:
     def __init__(self, cfg: DataConfig, req: LoaderRequest):
         key = f"data.{req.split}"
         root = require_path(getattr(cfg, req.split), key)
-        samples, self.classes, bad = scan(root, key, cfg.num_workers)
+        samples, self.classes, bad = scan(root, key, cfg.num_workers, req.subset, req.seed)
         self.num_classes = len(self.classes)
         self.skipped: set[str] = {entry.split(" (", 1)[0] for entry in bad}
         if bad:
             log.warning("%s: skipping %d unreadable image(s): %s", key, len(bad), "; ".join(bad))
-        samples = [samples[i] for i in subset_indices(len(samples), req.subset, req.seed)]
         world, rank, batch = req.world_size, req.rank, req.batch_size
         if req.training:
             order = np.random.default_rng(req.seed).permutation(len(samples))

@@ -110,7 +110,9 @@ class TorchvisionLoader:
             source, batch_size=req.batch_size, sampler=sampler, shuffle=False, drop_last=req.training,
             num_workers=cfg.num_workers, collate_fn=_collate, pin_memory=req.device.type == "cuda",
             generator=self.generator,
-            persistent_workers=cfg.num_workers > 0, prefetch_factor=TORCHVISION_PREFETCH_FACTOR if cfg.num_workers > 0 else None)
+            # evaluation reads (k-NN every epoch, a linear evaluation's cached features) start their workers
+            # per pass: none sit idle between passes
+            persistent_workers=cfg.num_workers > 0 and req.training, prefetch_factor=TORCHVISION_PREFETCH_FACTOR if cfg.num_workers > 0 else None)
         self.num_samples = len(self.loader) * req.batch_size if req.training else len(source)
 
     def __len__(self) -> int:

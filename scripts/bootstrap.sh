@@ -1,11 +1,19 @@
 #!/usr/bin/env bash
 # Sets up a fresh machine for fasttrain: system packages, a virtual environment in .venv with the
 # pinned torch/torchvision, and the project with its extras (ffcv, dali, dev, wandb, analysis). Safe to run again.
+# FASTTRAIN_VERSIONS=oldest: .venv-oldest instead, with the oldest torch/torchvision/accelerate setup.py
+# supports and no ffcv/dali (what CI tests the lower end with).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PY=${PYTHON:-python3.11}
-EXTRAS=${FASTTRAIN_EXTRAS:-dev,ffcv,dali,wandb,analysis}
+if [ "${FASTTRAIN_VERSIONS:-newest}" = oldest ]; then
+  VENV=.venv-oldest; PINS="torch==2.11.0 torchvision==0.26.0 accelerate==1.10.1"
+  EXTRAS=${FASTTRAIN_EXTRAS:-dev,analysis}
+else
+  VENV=.venv; PINS="torch==2.14.1 torchvision==0.29.1"
+  EXTRAS=${FASTTRAIN_EXTRAS:-dev,ffcv,dali,wandb,analysis}
+fi
 # build deps of ffcv; the demo's data; real photographs for the loader benchmarks and their test
 APT_PKGS="pkg-config libopencv-dev libturbojpeg0-dev dataset-fashion-mnist lomiri-wallpapers-16.04"
 
@@ -19,13 +27,13 @@ if [ -n "$missing" ]; then
 fi
 
 pip_install() {  # quiet, less the machine's notes about local index folders that do not exist
-  .venv/bin/python -m pip install -q "$@" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+  "$VENV/bin/python" -m pip install -q "$@" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
   return "${PIPESTATUS[0]}"
 }
 
-[ -x .venv/bin/python ] || "$PY" -m venv .venv
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 pip_install --upgrade pip wheel setuptools
 # torch first and pinned: ffcv's build and every extra must see this exact build.
-pip_install torch==2.14.1 torchvision==0.29.1
-pip_install -e ".[$EXTRAS]"
-echo "[bootstrap] ready: $(.venv/bin/python -c 'import torch, torchvision; print("torch", torch.__version__, "torchvision", torchvision.__version__)')"
+pip_install $PINS
+pip_install -e ".[$EXTRAS]" $PINS
+echo "[bootstrap] $VENV ready: $("$VENV/bin/python" -c 'import torch, torchvision; print("torch", torch.__version__, "torchvision", torchvision.__version__)')"

@@ -138,3 +138,34 @@ def test_peak_memory_samples_the_whole_cuda_device(monkeypatch):
     cpu.reset()
     cpu.sample()
     assert cpu.device_peak is None
+
+
+def _host_reads(method: str, **recipe_overrides) -> dict:
+    import argparse
+
+    from benchmarks.host_syncs import count
+    args = argparse.Namespace(arch="resnet18", width=8, image_size=16, batch_size=8, precision="fp32", warmup=1,
+                              steps=2, overrides=recipe_overrides)
+    return count(method, args)
+
+
+@pytest.mark.parametrize("method", ["ce", "supcon", "supcon_s", "selfcon", "selfcon_m", "dsn", "cds", "simclr",
+                                    "selfcon_su", "mixco"])
+def test_a_step_whose_logs_are_not_read_makes_no_host_read(method):
+    """No .item()/bool()/float()/.tolist() of a tensor and no data-dependent shape (torch.unique, bincount)
+    in a step whose logs are not read: each would stall the GPU queue, every step."""
+    row = _host_reads(method)
+    assert row["python_reads"] == {}, row["python_reads"]
+
+
+def test_the_host_read_counter_sees_reads_and_lars_costs_one_per_update():
+    from collections import Counter
+
+    from benchmarks.host_syncs import counting_reads
+    with counting_reads(Counter()) as seen:
+        torch.ones(2).sum().item()
+        torch.unique(torch.tensor([1, 1, 2]))
+    assert sum(seen.values()) == 2
+    # timm's LARS cannot skip an update on the device: the skip decision is one read per update
+    row = _host_reads("selfcon", optim={"name": "lars"})
+    assert sum(row["python_reads"].values()) == row["steps"], row["python_reads"]

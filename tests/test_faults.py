@@ -278,8 +278,8 @@ def poison_losses(monkeypatch, bad_calls: set):
         def __getattr__(self, name):
             return getattr(self.loss_fn, name)
 
-        def __call__(self, model, views, labels):
-            loss, logs = self.loss_fn(model, views, labels)
+        def __call__(self, model, views, labels, **kwargs):
+            loss, logs = self.loss_fn(model, views, labels, **kwargs)
             calls[0] += 1
             return (loss * float("nan") if calls[0] in bad_calls else loss), logs
 
@@ -294,11 +294,13 @@ def test_a_nonfinite_loss_skips_its_update_and_too_many_in_a_row_stop_the_run(tm
                           linear_eval={"enabled": False}, monitor={"knn_every": 0}, run={"dir": str(tmp_path / "a"),
                                                                                           "checkpoint_every": 1})
     poison_losses(monkeypatch, {2, 3})
-    results = run(load_recipe(recipe))  # 3 steps per epoch, 9 in all, 2 skipped
-    assert results["nonfinite_steps"] == 2 and results["steps"] == 7
+    results = run(load_recipe(recipe))  # 3 steps per epoch, 9 in all, 2 of them skipped
+    assert results["nonfinite_steps"] == 2 and results["steps"] == 9
     weights = checkpoint.load(tmp_path / "a" / "checkpoint.pt", "test")["model"]
     assert all(torch.isfinite(w).all() for w in weights.values() if w.is_floating_point())
-    assert "loss is not finite at epoch 1 step 2/3: update skipped (1 skipped so far)" in capsys.readouterr().out
+    out = capsys.readouterr().out  # logged every step: each skip is reported at its own step
+    assert "1 update(s) skipped by epoch 1 step 2/3 (loss not finite, or an fp16 overflow): 1 skipped so far" in out
+    assert "1 update(s) skipped by epoch 1 step 3/3 (loss not finite, or an fp16 overflow): 2 skipped so far" in out
 
     poison_losses(monkeypatch, set(range(4, 100)))  # from the first step of epoch 2 on
     handler = signal.getsignal(signal.SIGTERM)
@@ -307,7 +309,7 @@ def test_a_nonfinite_loss_skips_its_update_and_too_many_in_a_row_stop_the_run(tm
     finally:
         signal.signal(signal.SIGTERM, handler)
     assert code == 3
-    assert "loss not finite for 3 steps in a row (train.max_nonfinite_steps), the last at epoch 2 step 3/3; the " \
+    assert "loss not finite for 3 steps in a row (train.max_nonfinite_steps), noticed at epoch 2 step 3/3; the " \
         "last checkpoint is intact" in capsys.readouterr().err
     assert checkpoint.load(tmp_path / "b" / "checkpoint.pt", "test")["epoch"] == 1  # the last good one, intact
 

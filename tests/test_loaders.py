@@ -27,7 +27,7 @@ def sources(tmp_path_factory):
     try:
         from loaders.ffcv_convert import convert
     except ImportError:
-        return paths
+        return {**paths, "ffcv": None}  # the ffcv tests skip themselves
     beton = root.parent / "images.beton"
     convert(root, beton, write_mode="raw", num_workers=1)
     return {**paths, "ffcv": beton}
@@ -102,6 +102,7 @@ def test_simclr_augmentation_blurs_about_half_the_views(noise_folder, backend):
     """SimCLR's blur (p=0.5, window 10% of 80 px = 9, sigma 0.1-2): on noise images the blurred views
     are much smoother than any unblurred one; the contrastive augmentation (no blur) never is."""
     pytest.importorskip({"dali": "nvidia.dali"}.get(backend, "torch"))
+    torch.manual_seed(0)  # num_workers 0: torchvision's coin flips come from this process's RNG, whatever ran before
     rough = {}
     for augment in ("contrastive", "simclr"):
         cfg = DataConfig(train=noise_folder, image_size=80, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0),

@@ -116,3 +116,11 @@ def test_a_window_beyond_the_run_is_a_warning_not_a_failure(tmp_path, folder, on
         run(_recipe(tmp_path / "b", folder, skip=6, steps=1))
     assert "monitor.profile: the run ended before step 7, where the profiled window starts" in caplog.text
     assert not (tmp_path / "b" / "run" / "profile").exists()
+
+
+def test_idle_time_counts_only_what_no_busy_interval_covers():
+    from fasttrain.engine.profiling import idle_time
+    busy = [(2, 4), (3, 6), (10, 11)]  # overlapping kernels merge into (2, 6) and (10, 11)
+    assert idle_time([(0, 8)], busy) == 4  # 0-2 and 6-8
+    assert idle_time([(3, 5), (9, 12)], busy) == 2  # 9-10 and 11-12
+    assert idle_time([(0, 1)], []) == 1

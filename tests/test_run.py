@@ -13,6 +13,7 @@ import torch
 import yaml
 
 from conftest import REPO, make_image_folder
+from fasttrain.methods import METHODS
 
 PYTHON = sys.executable
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
@@ -116,6 +117,21 @@ def test_deep_supervision_trains_and_evaluates_its_own_classifiers(tmp_path, dat
         launch("fasttrain/run.py", recipe, "--random-init", accelerate=False)
         floor = json.loads((tmp_path / "run" / "random_init.json").read_text())["linear_eval"]
         assert list(floor["exits"]) == names
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_trains_under_two_processes(tmp_path, data, method):
+    """DistributedDataParallel reduces every parameter every update: a parameter without a gradient
+    (a projection head CE never reads, a BatchNorm head DSN never calls) fails the second step."""
+    model = {"head": "mlp_bn"} if method != "cds" else {"exits": ["layer1", "layer2"], "exit_kind": "sepconv"}
+    recipe = write_recipe(tmp_path, data, method, model=model, train={"precision": "fp32"},
+                          linear_eval={"enabled": False}, monitor={"knn_every": 0}, schedule={"epochs": 2})
+    launch("fasttrain/run.py", recipe, num_processes=2)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r["kind"] == "train"]
+    assert [r["step"] for r in train] == [1, 2, 3, 4, 5, 6]  # 24 images, batch 8 (4 per process), 2 epochs
+    assert all(r["skipped_steps"] == 0 and r["loss"] == r["loss"] for r in train)
 
 
 @pytest.mark.slow

@@ -86,14 +86,14 @@ def test_self_supervised_selfcon_follows_the_c2_rule(name, views, alpha):
     objective = Objective(get_method(name), alpha=alpha)
     layout = __import__("fasttrain.methods", fromlist=["Layout"]).Layout(views)
     labels = torch.zeros(batch, dtype=torch.long)  # one class: must not matter, labels never reach the loss
-    loss, logs = objective.method.loss(objective, out, labels, layout)
+    loss, logs = objective.method.loss(objective, out, labels, layout, True)
     used_alpha = 1.0 if alpha is None else alpha  # the methods' default
     expected = selfcon_u_loop(stack_exits([sub, backbone], views), used_alpha, 0.1, 0.07)
     assert loss.item() == pytest.approx(expected, rel=1e-5)
     # no backbone-anchor / sub-network-pair term: the backbone anchors' loss does not see the sub-network
     other = F.normalize(torch.randn(views * batch, dim, generator=gen), dim=1)
     _, moved = objective.method.loss(objective, EncoderOutput([other, backbone], [other, backbone], None),
-                                     labels, layout)
+                                     labels, layout, True)
     assert moved["loss/backbone"].item() == pytest.approx(logs["loss/backbone"].item(), rel=1e-6)
     assert moved["loss/subnetworks"].item() != pytest.approx(logs["loss/subnetworks"].item(), rel=1e-3)
     if views == 1:  # one view, no labels: a backbone anchor has no positive, its term is empty
@@ -107,7 +107,7 @@ def test_self_supervised_selfcon_collapse_value():
         objective = Objective(get_method(name), alpha=0.5)
         from fasttrain.methods import Layout
         loss, _ = objective.method.loss(objective, EncoderOutput([same, same], [same, same], None),
-                                        torch.arange(4), Layout(views))
+                                        torch.arange(4), Layout(views), True)
         assert loss.item() == pytest.approx(objective.loss_at_collapse(4, 2), rel=1e-5)
 
 

@@ -25,6 +25,7 @@ def test_quick_selftest_passes_on_this_cpu_and_skips_the_gpu_paths(tmp_path, cap
 
 
 def test_a_broken_backend_fails_the_selftest_naming_it(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("nvidia.dali")
     import loaders.dali_loader
 
     def broken(cfg, req):

@@ -117,8 +117,11 @@ def load_weights(model: torch.nn.Module, state: dict, what: str) -> None:
     """The checkpoint's weights into ``model``; a model of another shape is one RecipeError line."""
     from fasttrain.recipe import RecipeError
 
+    weights = state["model"]
+    if not any(k.startswith("heads.") for k in model.state_dict()):  # older runs kept unused heads: not read
+        weights = {k: v for k, v in weights.items() if not k.startswith("heads.")}
     try:
-        model.load_state_dict(state["model"])
+        model.load_state_dict(weights)
     except RuntimeError as exc:
         detail = str(exc).strip().splitlines()
         raise RecipeError(f"{what} does not fit this model ({detail[1].strip() if len(detail) > 1 else detail[0]})") \

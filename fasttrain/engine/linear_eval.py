@@ -3,6 +3,8 @@ classifier on the backbone feature and one on each sub-network feature, and thei
 (mean of logits); top-1/top-5 of each on the validation split, every sample counted once."""
 from __future__ import annotations
 
+import contextlib
+
 import math
 from pathlib import Path
 from typing import Iterator, Optional
@@ -117,7 +119,8 @@ def linear_eval(recipe: Recipe, accelerator: Accelerator, encoder: MultiExitResN
                                 weight_decay=cfg.weight_decay)
     for group in optimizer.param_groups:
         group["base_lr"] = cfg.lr
-    classifiers, optimizer = accelerator.prepare(classifiers, optimizer)
+    with _eager(accelerator):  # tiny heads: compiling costs more than it saves, and again on the last batch
+        classifiers, optimizer = accelerator.prepare(classifiers, optimizer)
 
     cache = encode_split(train, encoder, accelerator) if cfg.cache_features else None
     per_epoch = len(train)
@@ -148,6 +151,18 @@ def linear_eval(recipe: Recipe, accelerator: Accelerator, encoder: MultiExitResN
         return classifiers(encode(encoder, accelerator, image))
 
     return evaluate(logits, eval_loader(recipe, accelerator, "val", "center"), accelerator, encoder.num_exits)
+
+
+@contextlib.contextmanager
+def _eager(accelerator: Accelerator):
+    """Accelerate's prepare() without torch.compile, whatever train.compile says."""
+    from accelerate.utils import DynamoBackend
+    plugin = accelerator.state.dynamo_plugin
+    backend, plugin.backend = plugin.backend, DynamoBackend.NO
+    try:
+        yield
+    finally:
+        plugin.backend = backend
 
 
 def encode_split(loader, encoder, accelerator, desc: str = "encoding train split"):

@@ -35,7 +35,7 @@ class PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
-            self.baseline, self.device_peak = 0, None
+            self.baseline, self.device_peak = torch.cuda.memory_allocated(self.device), None
             self.sample()
             return
         try:
@@ -45,11 +45,18 @@ class PeakMemory:
         self.baseline = _status_kib("VmRSS") * 1024
 
     def peak_bytes(self) -> int:
+        """CUDA: everything allocated at the peak (weights included, as the papers' GiB per GPU);
+        CPU: the resident set's peak above ``reset()``."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             return torch.cuda.max_memory_allocated(self.device)
         peak = _status_kib("VmHWM") * 1024 or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         return max(0, peak - self.baseline)
+
+
+    def peak_above_reset(self) -> int:
+        """The peak above what was held at ``reset()``, on either device: what the measured phase added."""
+        return max(0, self.peak_bytes() - self.baseline) if self.device.type == "cuda" else self.peak_bytes()
 
 
 def _status_kib(field: str) -> int:

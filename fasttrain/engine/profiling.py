@@ -10,9 +10,10 @@ classifiers); a compiled model runs as one graph, so its forward stays one part.
 Attribution is exclusive: every profiled op counts for the innermost part around it, so nested parts
 (gather inside loss, trunk inside forward) never count twice. On a CPU an op's own (self) time counts;
 on CUDA the device time of the kernels it launched, and autograd's backward ops, which CUDA runs on the
-engine's device thread outside the ``backward`` range, count as backward by their name. ``other`` is
-the rest of the step's wall time: on CUDA the device's idle gaps and launch overhead, on a CPU the
-Python between ops. Results: a Chrome/Perfetto trace, ``profile.json`` and ``profile.md``.
+engine's device thread outside the ``backward`` range, count as backward by their name. ``step`` is the
+wall time of a step. ``data`` on CUDA is the time the device sat idle while the host waited for the
+loader (a wait that overlaps kernels queued earlier costs nothing). ``other`` is the rest of the step:
+on CUDA the device's other idle gaps and launch overhead, on a CPU the Python between ops. Results: a Chrome/Perfetto trace, ``profile.json`` and ``profile.md``.
 """
 from __future__ import annotations
 
@@ -100,11 +101,28 @@ def _backward_node(event):
     return node
 
 
+def idle_time(ranges: Iterable[tuple[float, float]], busy: Iterable[tuple[float, float]]) -> float:
+    """The length of ``ranges`` (start, end) during which none of the ``busy`` intervals runs."""
+    merged: list[list[float]] = []
+    for start, end in sorted(busy):
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    idle = 0.0
+    for start, end in ranges:
+        covered = sum(max(0.0, min(end, b_end) - max(start, b_start)) for b_start, b_end in merged)
+        idle += (end - start) - covered
+    return idle
+
+
 def part_times(events, cuda: bool, steps: Optional[int] = None) -> dict:
     """Milliseconds per step of every part of ``PARTS`` and of the whole step (``step``), and
     ``backward_by_part``: the backward split by the forward part each autograd node differentiates,
     matched by its sequence number. ``steps``: the first so many profiled steps (default: all); what
     ran after them (a run that ended inside the window: its epoch-end work) is left out."""
+    events = list(events)
+    kernels = [(e.time_range.start, e.time_range.end) for e in events if e.device_type != DeviceType.CPU]
     events = sorted((e for e in events if e.device_type == DeviceType.CPU), key=lambda e: e.time_range.start)
     windows = [e for e in events if e.name.startswith("ProfilerStep")][:steps]
     if windows:
@@ -129,6 +147,9 @@ def part_times(events, cuda: bool, steps: Optional[int] = None) -> dict:
             node = _backward_node(event)
             source = forward_part.get((node.fwd_thread, node.sequence_nr)) if node is not None else None
             backward[source if source in PARTS else "other"] += time
+    if cuda:  # the loader's wait launches no kernel: count the time the device sat idle during it
+        totals["data"] = idle_time([(e.time_range.start, e.time_range.end) for e in events
+                                    if e.name == PREFIX + "data"], kernels)
     per_step = max(1, len(windows)) * 1000
     row = {part: totals.get(part, 0.0) / per_step for part in PARTS if part != "other"}
     row["step"] = sum(e.cpu_time_total for e in windows) / per_step

@@ -92,7 +92,8 @@ def build_model(recipe: Recipe, method: Method, num_classes: int) -> MultiExitRe
     return build_encoder(m.arch, stem=m.stem, exits=m.exits if method.uses_subnetwork else (),
                          exit_kind=m.exit_kind, proj_dim=m.proj_dim, head=m.head, width=m.width,
                          zero_init_residual=m.zero_init_residual, num_classes=classes,
-                         exit_classifiers=bool(classes) and method.classifiers == "every_exit")
+                         exit_classifiers=bool(classes) and method.classifiers == "every_exit",
+                         projection=method.contrastive)
 
 
 def train_loader(recipe: Recipe, accelerator: Accelerator, method: Method):
@@ -117,7 +118,13 @@ def training_model(recipe: Recipe, method: Method, num_classes: int, num_process
 
 class TrainStep:
     """One micro-step of training: forward (the method's batch builder), loss, backward, and on
-    the last micro-step of an accumulation, the lr update and optimizer step."""
+    the last micro-step of an accumulation, the lr update and optimizer step.
+
+    Nothing here waits for the device unless the step's logs are read (``measure``): an update whose
+    loss was not finite on any process (in any of its micro-steps) is skipped by the optimizer
+    itself, on the device (``found_inf``, as GradScaler does for fp16), and the skips are counted in
+    device tensors that the trainer reads when it logs. An optimizer without ``found_inf`` support
+    (timm's LARS) costs one host read per update instead."""
 
     def __init__(self, accelerator: Accelerator, model, objective: Objective, optimizer, total_updates: int,
                  warmup_updates: int, final_lr_ratio: float, updates: int = 0, clip_grad_norm: Optional[float] = None,
@@ -126,41 +133,80 @@ class TrainStep:
         self.schedule = functools.partial(lr_factor, total_updates=total_updates, warmup_updates=warmup_updates,
                                           final_ratio=final_lr_ratio, milestones=milestones, gamma=gamma)
         self.clip_grad_norm = clip_grad_norm
-        self.updates = updates  # optimizer updates done; the lr is derived from it
-        self.nonfinite_steps = self.nonfinite_in_a_row = 0  # micro-steps skipped for a NaN/Inf loss
+        self.updates = updates  # optimizer updates attempted (skipped ones too); the lr is derived from it
         self.lr = set_lr(optimizer, self.schedule(updates))
+        device = accelerator.device
+        zero = functools.partial(torch.zeros, (), dtype=torch.long, device=device)
+        self.skipped, self.nonfinite_run, self.longest_run = zero(), zero(), zero()  # on the device
+        self._pending = torch.zeros((), dtype=torch.bool, device=device)  # this accumulation saw a non-finite loss
+        inner = getattr(optimizer, "optimizer", optimizer)  # under Accelerate's wrapper
+        self._device_skip = bool(getattr(inner, "_step_supports_amp_scaling", False))
 
     def __call__(self, views, labels, measure: bool = False):
-        """``measure``: this step's logs will be read, so include the gradient norm. A loss that is
-        not finite on any process skips the backward and the update on every process."""
+        """``measure``: this step's logs will be read, so include the per-exit terms and the gradient norm."""
         with self.accelerator.accumulate(self.model):
-            loss, logs = self.objective(self.model, views, labels)
-            if not self._finite(loss):
-                self.optimizer.zero_grad(set_to_none=True)
-                self.nonfinite_in_a_row += 1
-                self.nonfinite_steps += 1
-                return loss.detach(), {**logs, "nonfinite_steps": self._count(loss)}
-            self.nonfinite_in_a_row = 0
+            loss, logs = self.objective(self.model, views, labels, detail=measure)
+            nonfinite = self._nonfinite(loss)
             with mark("backward"):
                 self.accelerator.backward(loss)
             with mark("optimizer"):
                 if self.accelerator.sync_gradients:
+                    skip, self._pending = self._pending, torch.zeros_like(self._pending)
                     if self.clip_grad_norm or measure:  # without clipping, the norm costs a pass only when logged
+                        self._poison_if(skip)  # before clipping unscales: GradScaler checks the gradients there
                         logs["grad_norm"] = self.accelerator.clip_grad_norm_(self.model.parameters(),
                                                                              self.clip_grad_norm or float("inf"))
                     self.lr = set_lr(self.optimizer, self.schedule(self.updates))
                     self.updates += 1
-                self.optimizer.step()
+                    self._step(skip)
                 self.optimizer.zero_grad(set_to_none=True)
-        return loss.detach(), {**logs, "nonfinite_steps": self._count(loss)}
+        logs["skipped_steps"] = self.skipped
+        return loss.detach(), logs
 
-    def _count(self, loss: torch.Tensor) -> torch.Tensor:
-        """The skipped-step count as a log entry: on the loss's device, like every other entry."""
-        return torch.full((), float(self.nonfinite_steps), device=loss.device)
+    def _nonfinite(self, loss: torch.Tensor) -> torch.Tensor:
+        """Whether the loss is NaN/Inf on any process (a device tensor: an all-reduce, no host read);
+        kept for the accumulation's update, and counted into the current run of such steps."""
+        flag = (~torch.isfinite(loss.detach())).to(torch.long).reshape(1)
+        if self.accelerator.num_processes > 1:
+            flag = self.accelerator.reduce(flag, reduction="sum")
+        flag = flag.reshape(()) > 0
+        self._pending = self._pending | flag
+        self.nonfinite_run = (self.nonfinite_run + 1) * flag
+        self.longest_run = torch.maximum(self.longest_run, self.nonfinite_run)
+        return flag
 
-    def _finite(self, loss: torch.Tensor) -> bool:
-        finite = torch.isfinite(loss.detach()).float().reshape(1)
-        return bool(self.accelerator.reduce(finite, reduction="sum").item() == self.accelerator.num_processes)
+    def _poison_if(self, skip: torch.Tensor) -> None:
+        """Under fp16 loss scaling, a gradient made NaN when ``skip``: GradScaler then skips the update
+        (and lowers its scale) by its own device-side check."""
+        if self.accelerator.scaler is None:
+            return
+        grad = next((p.grad for p in self.model.parameters() if p.grad is not None), None)
+        if grad is not None:
+            grad.view(-1)[:1].add_(torch.where(skip, float("nan"), 0.0))
+
+    def _step(self, skip: torch.Tensor) -> None:
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)
+        scaler = self.accelerator.scaler
+        if scaler is not None:
+            self._poison_if(skip)  # a second NaN is harmless where clipping poisoned already
+            scale = scaler._scale.clone() if scaler._scale is not None else None
+            self.optimizer.step()
+            if scale is not None:  # GradScaler lowers its scale exactly when it skipped the step
+                skip = skip | (scaler._scale < scale)
+        elif self._device_skip:
+            inner.found_inf = skip.float()
+            self.optimizer.step()
+            del inner.found_inf
+        elif not bool(skip):  # an optimizer that cannot skip on the device: one host read per update
+            self.optimizer.step()
+        self.skipped += skip.long()
+
+    def take_skips(self) -> tuple[int, int]:
+        """(updates skipped so far, the longest run of non-finite micro-steps since the last call): a
+        host read, for logged steps and epoch ends."""
+        skipped, longest = (int(x) for x in torch.stack([self.skipped, self.longest_run]).tolist())
+        self.longest_run = self.nonfinite_run.clone()
+        return skipped, longest
 
 
 @dataclass
@@ -174,7 +220,7 @@ class TrainResult:
     peak_memory_kind: str
     device_memory_bytes: Optional[int]  # CUDA: the whole device's peak used memory (every allocator)
     skipped_images: int
-    nonfinite_steps: int  # updates skipped for a NaN/Inf loss
+    nonfinite_steps: int  # updates skipped: a NaN/Inf loss, or an fp16 overflow GradScaler skipped
     knn: list[dict]  # per evaluated epoch: {"epoch", <exit>: top-1 %, ..., "ensemble"}
     profile: Optional[dict] = None  # monitor.profile: ms per step of each part (profiling.PARTS)
 
@@ -226,6 +272,8 @@ def train(recipe: Recipe, accelerator: Accelerator) -> TrainResult:
     every_steps = recipe.run.checkpoint_every_steps
 
     profiler = _profiler(recipe, accelerator, model)
+    skips = SkipWatch(recipe, step, main)
+    stops = StopAgreement(accelerator)
 
     def knn_due(epochs_done: int) -> bool:
         return bool(knn) and (epochs_done % recipe.monitor.knn_every == 0 or epochs_done == recipe.schedule.epochs)
@@ -257,13 +305,12 @@ def train(recipe: Recipe, accelerator: Accelerator) -> TrainResult:
                         break
                     logged = (index + 1) % recipe.train.log_every == 0 or index + 1 == micro_steps
                     loss, logs = step(views, labels, measure=logged)
-                    if step.nonfinite_in_a_row:
-                        _nonfinite(recipe, step, main, f"epoch {epoch + 1} step {index + 1}/{micro_steps}")
                     speed.update(images_per_step)
                     if profiler:
                         profiler.step()
                     bar.update(1)
                     if logged:
+                        skips.check(f"epoch {epoch + 1} step {index + 1}/{micro_steps}")
                         row = _log_row(accelerator, logs, step, speed)
                         spreads = "/".join(f"{row[k]:.2f}" for k in sorted(row) if k.startswith("spread/"))
                         bar.set_postfix(loss=f"{row['loss']:.4f}", spread=spreads, lr=f"{step.lr:.3g}",
@@ -274,14 +321,15 @@ def train(recipe: Recipe, accelerator: Accelerator) -> TrainResult:
                         watch(row, step.updates)
                     if index + 1 == micro_steps or not accelerator.sync_gradients:
                         continue  # the epoch's end is handled below; a stop waits for the accumulation's end
-                    stop = _stop_requested(accelerator)
+                    stop = stops.after_step()
                     if stop or (every_steps and step.updates % every_steps == 0):
                         save(epoch, step.updates, step_in_epoch=index + 1)
                     if stop:
                         raise Stopped(stop, f" at epoch {epoch + 1} step {index + 1}/{micro_steps}: checkpoint "
                                             f"written ({step.updates} updates); resume with run.resume=auto")
             speed.stop()
-            stop = _stop_requested(accelerator)
+            skips.check(f"the end of epoch {epoch + 1}")
+            stop = stops.now()
             if stop or epoch + 1 == recipe.schedule.epochs or (epoch + 1) % recipe.run.checkpoint_every == 0:
                 save(epoch + 1, step.updates)
             if stop:
@@ -293,7 +341,7 @@ def train(recipe: Recipe, accelerator: Accelerator) -> TrainResult:
     return TrainResult(_plain(accelerator, model), method, recipe.schedule.epochs, step.updates,
                        speed.images_per_second, memory.peak_bytes(), memory.kind, memory.device_peak,
                        len(loader.skipped),
-                       step.nonfinite_steps, knn_curve, _profile_report(recipe, profiler))
+                       skips.check("the end of training"), knn_curve, _profile_report(recipe, profiler))
 
 
 def _profiler(recipe: Recipe, accelerator: Accelerator, model) -> Optional[StepProfiler]:
@@ -347,12 +395,25 @@ def _start_trackers(recipe: Recipe, accelerator: Accelerator) -> None:
                                                      "dir": str(recipe.run.dir)}})
 
 
-def _nonfinite(recipe: Recipe, step: TrainStep, main: bool, where: str) -> None:
-    if main:
-        tqdm.write(f"warning: loss is not finite at {where}: update skipped ({step.nonfinite_steps} skipped so far)")
-    if step.nonfinite_in_a_row >= recipe.train.max_nonfinite_steps:
-        raise NonFiniteLossError(f"loss not finite for {step.nonfinite_in_a_row} steps in a row "
-                                 f"(train.max_nonfinite_steps), the last at {where}")
+class SkipWatch:
+    """Reads the step's skip counters where the host reads anyway (logged steps, epoch ends): warns
+    of updates skipped since the last look, and stops the run once the loss was not finite for
+    ``train.max_nonfinite_steps`` micro-steps in a row (noticed at the next look)."""
+
+    def __init__(self, recipe: Recipe, step: TrainStep, main: bool):
+        self.limit, self.step, self.main = recipe.train.max_nonfinite_steps, step, main
+        self.seen = 0
+
+    def check(self, where: str) -> int:
+        skipped, longest = self.step.take_skips()
+        if skipped > self.seen and self.main:
+            tqdm.write(f"warning: {skipped - self.seen} update(s) skipped by {where} (loss not finite, or an fp16 "
+                       f"overflow): {skipped} skipped so far")
+        self.seen = skipped
+        if longest >= self.limit:
+            raise NonFiniteLossError(f"loss not finite for {longest} steps in a row (train.max_nonfinite_steps), "
+                                     f"noticed at {where}")
+        return skipped
 
 
 def _plain(accelerator: Accelerator, model) -> MultiExitResNet:
@@ -364,17 +425,47 @@ def _log_row(accelerator, logs: dict, step: TrainStep, speed: Throughput) -> dic
     keys = sorted(logs)
     values = accelerator.reduce(torch.stack([logs[k].float() for k in keys]), reduction="mean")
     row = {k: float(v) for k, v in zip(keys, values.tolist())}
-    row.setdefault("loss", row.get("loss/ce", 0.0))
     row.update(lr=step.lr, images_per_second=speed.images_per_second)
     return row
 
 
-def _stop_requested(accelerator: Accelerator) -> int:
-    """The stop signal any process received (0 if none): every process stops at the same step."""
-    local = pending_stop() or 0
-    if accelerator.num_processes == 1:
-        return local
-    return int(accelerator.gather(torch.tensor([local], device=accelerator.device)).max())
+class StopAgreement:
+    """The stop signal any process received (0 if none), so that every process stops at the same step.
+
+    Between steps the processes agree without waiting for the GPU or for each other: each step's
+    flag is all-reduced (max) over a CPU (gloo) group in the background and read one step later,
+    when it has long arrived; a stop is acted on one step after the signal, on every process alike.
+    At epoch ends (``now``) the agreement is immediate."""
+
+    def __init__(self, accelerator: Accelerator):
+        self.world = accelerator.num_processes
+        self.group = torch.distributed.new_group(backend="gloo") if self.world > 1 else None
+        self.pending = None
+
+    def after_step(self) -> int:
+        if self.world == 1:
+            return pending_stop() or 0
+        agreed = self._collect()
+        flag = torch.tensor([pending_stop() or 0])
+        work = torch.distributed.all_reduce(flag, torch.distributed.ReduceOp.MAX, group=self.group, async_op=True)
+        self.pending = (work, flag)
+        return agreed
+
+    def now(self) -> int:
+        if self.world == 1:
+            return pending_stop() or 0
+        agreed = self._collect()
+        flag = torch.tensor([pending_stop() or 0])
+        torch.distributed.all_reduce(flag, torch.distributed.ReduceOp.MAX, group=self.group)
+        return max(agreed, int(flag))
+
+    def _collect(self) -> int:
+        if self.pending is None:
+            return 0
+        work, flag = self.pending
+        work.wait()
+        self.pending = None
+        return int(flag)
 
 
 def _save(recipe: Recipe, accelerator: Accelerator, model, optimizer, epoch: int, updates: int,

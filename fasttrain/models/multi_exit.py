@@ -127,9 +127,12 @@ def build_subnetwork(arch: str, exit_point: str, kind: str, width: int = 64) -> 
 class MultiExitResNet(nn.Module):
     def __init__(self, arch: str = "resnet50", *, stem: str = "imagenet", exits: Sequence[str] = ("layer2",),
                  exit_kind: str = "fc", proj_dim: int = 128, head: str = "mlp_bn", width: int = 64,
-                 num_classes: Optional[int] = None, exit_classifiers: bool = False, zero_init_residual: bool = False):
+                 num_classes: Optional[int] = None, exit_classifiers: bool = False, zero_init_residual: bool = False,
+                 projection: bool = True):
         """``num_classes``: a classifier on the backbone feature; with ``exit_classifiers``, one on
-        every sub-network feature as well (deep supervision). ``width``: channels of the stem and the
+        every sub-network feature as well (deep supervision). ``projection``: a projection head per
+        exit (False for a method without a contrastive term: parameters that never get a gradient
+        would break DistributedDataParallel's reduction). ``width``: channels of the stem and the
         first stage (torchvision's 64; stage i has width * 2**i), every layer scaled alike."""
         super().__init__()
         _check("arch", arch, ARCHS)
@@ -163,7 +166,8 @@ class MultiExitResNet(nn.Module):
         self.feature_dim = inplanes
         self.subnetworks = nn.ModuleDict({p: build_subnetwork(arch, p, exit_kind, width) for p in self.exit_points})
         init_like_torchvision(self, zero_init_residual)
-        self.heads = nn.ModuleList(ProjectionHead(self.feature_dim, proj_dim, head) for _ in range(self.num_exits))
+        self.heads = nn.ModuleList(ProjectionHead(self.feature_dim, proj_dim, head) for _ in range(self.num_exits)) \
+            if projection else nn.ModuleList()
         self.classifier = nn.Linear(self.feature_dim, num_classes) if num_classes else None
         self.exit_classifiers = nn.ModuleList(nn.Linear(self.feature_dim, num_classes) for _ in self.exit_points) \
             if exit_classifiers else None

@@ -1,0 +1,53 @@
+"""The GPU kit (scripts/gpu_check.sh): its CPU dry run is the same command at tiny sizes, so every part
+it runs on a GPU node is exercised here; a failing or slow part costs only itself."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from benchmarks import gpu_kit
+from conftest import REPO
+
+
+@pytest.mark.slow
+def test_the_kit_dry_run_runs_every_part_and_reports_their_numbers(tmp_path):
+    out = tmp_path / "kit"
+    proc = subprocess.run(["bash", "scripts/gpu_check.sh", str(out), "--device", "cpu", "--dry-run", "--budget", "900"],
+                          cwd=REPO, capture_output=True, text=True, timeout=1200,
+                          env={"PYTHON": sys.executable, "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    kit = json.loads((out / "kit.json").read_text())
+    parts = {p["name"]: p["status"] for p in kit["parts"]}
+    assert parts == {name: "ok" for name in ("selftest", "step_cost", "throughput", "host_syncs", "demo",
+                                             "loss_scaling")}
+    results = kit["results"]
+    for method in gpu_kit.DRY.methods:
+        assert results[f"step_cost/{method}"]["images_per_second"] > 0
+    assert results["step_cost/selfcon"]["time_ratio_to_selfcon"] == 1
+    assert results["train_throughput/selfcon/torchvision"]["ratio_to_synthetic"] > 0
+    assert results["trainer_overhead"]["trainer_over_bare"] > 0
+    # the trainer's step reads nothing back from the device when its logs are not read
+    assert {k: v["python_reads_per_step"] for k, v in results.items() if k.startswith("host_syncs/")} == {
+        f"host_syncs/{m}": 0 for m in ("ce", "supcon", "supcon_s", "selfcon", "selfcon_m", "dsn", "cds", "simclr",
+                                        "mixco")}
+    demo = json.loads((out / "demo" / "results.json").read_text())
+    assert demo["knn"] and demo["linear_eval"]["exits"]["backbone"]["top1"] >= 0
+    assert not (out / "data").exists()  # the generated images are removed
+    assert "| selftest | ok |" in (out / "kit.md").read_text()
+
+
+def test_a_failing_part_fails_the_kit_a_slow_one_times_out_and_the_rest_is_skipped(tmp_path, monkeypatch):
+    import time
+
+    monkeypatch.setattr(gpu_kit, "MIN_PART_SECONDS", 2)
+    parts = [gpu_kit.Part("fails", 30, [[sys.executable, "-c", "raise SystemExit(3)"]]),
+             gpu_kit.Part("slow", 2, [[sys.executable, "-c", "import time; time.sleep(30)"]]),
+             gpu_kit.Part("late", 30, [[sys.executable, "-c", "pass"]])]
+    deadline = time.monotonic() + 3.5  # after the slow part's 2 s, less than MIN_PART_SECONDS is left
+    for part in parts:
+        gpu_kit.run_part(part, deadline, tmp_path)
+    assert parts[0].status.startswith("failed: exit status 3")
+    assert parts[1].status.startswith("timed out")
+    assert parts[2].status == "skipped: out of time"
+    assert (tmp_path / "fails.log").read_text().startswith("$ ")
