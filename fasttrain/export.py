@@ -60,10 +60,21 @@ def export(checkpoint_path: Path, out: Path, exits: bool = False) -> dict:
 
     from fasttrain.engine import checkpoint
 
+    from fasttrain.errors import CheckpointError
+
+    linear = checkpoint_path.with_name(checkpoint.LINEAR_CLASSIFIERS)
+    for source in (checkpoint_path, linear):
+        if out.resolve() == source.resolve() or (out.exists() and source.exists() and out.samefile(source)):
+            raise CheckpointError(f"OUT: {out} is {source}, which this export reads; choose another path")
     state = checkpoint.load(checkpoint_path, "CHECKPOINT")
     recipe = checkpoint.recipe_of(state)
-    linear = checkpoint_path.with_name(checkpoint.LINEAR_CLASSIFIERS)
-    head = torch.load(linear, map_location="cpu")["backbone"] if linear.is_file() else None
+    head = None
+    if linear.is_file():
+        heads = checkpoint.read_tensors(linear, "CHECKPOINT's linear classifiers", "linear-classifier file")
+        head = heads.get("backbone") if isinstance(heads, dict) else None
+        if not (isinstance(head, dict) and {"weight", "bias"} <= set(head)):
+            raise CheckpointError(f"{linear} is not a linear-classifier file of this project (no backbone "
+                                  f"weight and bias); move it away to export the encoder without its classifier")
     tensors = torchvision_state_dict(state["model"], head)
     checkpoint.atomic_save(tensors, out)
     written = [out]
@@ -84,14 +95,14 @@ def main(argv=None) -> int:
     parser.add_argument("--exits", action="store_true", help="also write the sub-networks and heads (OUT.exits.pt)")
     args = parser.parse_args(argv)
     from fasttrain.engine.faults import describe_os_error
-    from fasttrain.recipe import RecipeError
+    from fasttrain.errors import UserError
 
     if not args.checkpoint.is_file():
         print(f"fasttrain.export: error: CHECKPOINT: no such file: {args.checkpoint}", file=sys.stderr)
         return 2
     try:
         summary = export(args.checkpoint, args.out, args.exits)
-    except RecipeError as exc:
+    except UserError as exc:
         print(f"fasttrain.export: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:

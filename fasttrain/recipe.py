@@ -13,18 +13,15 @@ from typing import Literal, Optional, Sequence, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from fasttrain.errors import RecipeError
 from fasttrain.methods import METHODS, Objective
 from fasttrain.models import ARCHS, EXIT_KINDS, EXIT_POINTS, HEADS
 from loaders import BACKENDS
 from loaders.spec import DataConfig
 
 
-class RecipeError(Exception):
-    """A recipe problem the user can fix: one line naming the key or file."""
-
-
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # optim.lr=inf is no setting
 
 
 class ModelConfig(_Strict):
@@ -137,6 +134,7 @@ class RunConfig(_Strict):
     resume: Union[Literal["auto", "never"], Path] = "auto"
     checkpoint_every: int = Field(1, gt=0)  # epochs; the last epoch always checkpoints
     checkpoint_every_steps: Optional[int] = Field(None, gt=0)  # optimizer updates, mid-epoch too
+    resume_changes: bool = False  # accept resuming with another batch size, process count or dataset
     keep_last: int = Field(1, gt=0)  # > 1: also keep checkpoint-<updates>.pt, the newest N (resume falls back)
     # signals that stop training at the next step with a checkpoint of it; exit status 128 + signal number
     stop_signals: list[Literal["SIGTERM", "SIGUSR1", "SIGUSR2", "SIGHUP", "SIGXCPU"]] = ["SIGTERM", "SIGUSR1"]

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -73,14 +74,14 @@ def _main(argv) -> int:
         logging.getLogger(ours).setLevel(logging.INFO)
     warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated.*")
     from fasttrain.monitors import CollapseError, NonFiniteLossError
-    from fasttrain.recipe import RecipeError, load_recipe
-    from loaders import LoaderError
+    from fasttrain.errors import UserError
+    from fasttrain.recipe import load_recipe
 
     try:
         recipe = load_recipe(args.recipe, args.overrides)
         knn_options = dict(k=args.knn_k, temperature=args.knn_temperature, bank=args.knn_bank) if args.knn else None
         results = run(recipe, args.eval_only, random_init=args.random_init, knn=knn_options)
-    except (RecipeError, LoaderError) as exc:
+    except UserError as exc:
         print(f"fasttrain: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # the system refused a file operation: disk full, no permission
@@ -99,24 +100,30 @@ def run(recipe: Recipe, eval_only: str | None = None, random_init: bool = False,
     """Pretrain and evaluate; or evaluate a checkpoint (``eval_only``), or the untrained encoder
     (``random_init``). What is evaluated is described by what was trained: the checkpoint's recipe.
     ``knn`` (``{k, temperature, bank}``): with either, a k-NN evaluation on whole splits instead of
-    the linear one; its numbers join those of the linear one in the same JSON file."""
-    from fasttrain.engine import checkpoint
+    the linear one; its numbers join those of the linear one in the same JSON file. One run per
+    ``run.dir`` at a time: a second is refused in one line while the first holds it."""
     from fasttrain.engine.faults import stop_on_signals
+
+    stop_on_signals(recipe.run.stop_signals)
+    with holding_run_dir(Path(recipe.run.dir)):
+        return _run(recipe, eval_only, random_init, knn)
+
+
+def _run(recipe: Recipe, eval_only: str | None, random_init: bool, knn: dict | None) -> dict | None:
+    from fasttrain.engine import checkpoint
     from fasttrain.engine.knn import KNNMonitor
     from fasttrain.engine.linear_eval import classifier_eval, linear_eval
     from fasttrain.engine.trainer import build_model, make_accelerator, train, write_results
     from fasttrain.methods import get_method
-    from fasttrain.recipe import RecipeError
+    from fasttrain.errors import CheckpointError
 
-    stop_on_signals(recipe.run.stop_signals)
-    prepare_run_dir(Path(recipe.run.dir))
     accelerator = make_accelerator(recipe)
     started = time.perf_counter()
     trained, state = None, {"epoch": 0, "updates": 0}
     if eval_only:
         path = Path(eval_only)
         if not path.is_file():
-            raise RecipeError(f"--eval-only: no such checkpoint: {path}")
+            raise CheckpointError(f"--eval-only: no such checkpoint: {path}")
         state = checkpoint.load(path, "--eval-only")
         trained_recipe = checkpoint.recipe_of(state)
         method = get_method(state["method"])
@@ -153,6 +160,7 @@ def run(recipe: Recipe, eval_only: str | None = None, random_init: bool = False,
         "device_memory_bytes": trained.device_memory_bytes if trained else None,
         "skipped_images": trained.skipped_images if trained else 0,
         "nonfinite_steps": trained.nonfinite_steps if trained else 0,
+        "classes": trained.classes if trained else state.get("classes"),
         "wall_seconds": time.perf_counter() - started,
         "checkpoint": str(Path(eval_only).resolve()) if eval_only else None,
         "linear_eval": evaluation,
@@ -186,9 +194,39 @@ def _joined(path: Path, results: dict) -> dict:
     return {**results, **{key: value for key, value in kept.items() if value}}
 
 
-def prepare_run_dir(run_dir: Path) -> None:
+@contextlib.contextmanager
+def holding_run_dir(run_dir: Path):
+    """``prepare_run_dir``, and for the launch's first process an exclusive lock on ``run.dir/.lock``
+    (holding its pid) until the block ends: two runs on one directory would interleave their metrics
+    and checkpoints. The lock dies with its process, so a killed run never leaves it behind."""
+    import fcntl
+
+    from fasttrain.errors import RecipeError
+
+    prepare_run_dir(run_dir, sweep=False)
+    if os.environ.get("RANK", "0") != "0":
+        yield
+        return
+    with open(run_dir / ".lock", "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "?"
+            raise RecipeError(f"run.dir={run_dir}: another run (process {holder}) is using it; wait for it to "
+                              f"end or give this run another run.dir") from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        from fasttrain.engine.faults import sweep_stale_temps
+        sweep_stale_temps(run_dir)  # only now: another live run's temp files are not ours to remove
+        yield
+
+
+def prepare_run_dir(run_dir: Path, sweep: bool = True) -> None:
     """The run dir exists and can be written, before any work; temp files that killed runs left there
-    are removed."""
+    are removed (``sweep``)."""
     from fasttrain.engine.faults import sweep_stale_temps
     from fasttrain.recipe import RecipeError
 
@@ -202,7 +240,8 @@ def prepare_run_dir(run_dir: Path) -> None:
         raise RecipeError(f"run.dir={run_dir}: no permission to create {exc.filename}") from None
     if not os.access(run_dir, os.W_OK | os.X_OK):
         raise RecipeError(f"run.dir={run_dir}: not writable")
-    sweep_stale_temps(run_dir)
+    if sweep:
+        sweep_stale_temps(run_dir)
 
 
 def format_table(results: dict) -> str:
@@ -217,7 +256,8 @@ def format_table(results: dict) -> str:
         exits = evaluation.get("exits") or {n: evaluation[n] for n in ("backbone", "subnetwork", "ensemble")
                                             if evaluation.get(n)}
         for name, acc in exits.items():
-            lines.append(f"| {name:<11} | {acc['top1']:9.2f} | {acc['top5']:9.2f} |")
+            lines.append(f"| {name:<11} | {acc['top1']:9.2f} | {acc['top5']:9.2f} |" if acc["top1"] is not None else
+                         f"| {name:<11} | not finite: {acc['nonfinite_samples']} images' logits are NaN/Inf |")
         lines.append(f"\n{evaluation['samples']} validation images")
     knn_eval = results.get("knn_eval")
     if knn_eval:

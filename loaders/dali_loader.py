@@ -50,16 +50,15 @@ import logging
 import math
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
-from torchvision import datasets
 
 from loaders import subset_indices
 from loaders.spec import (BLUR_P, BLUR_SIGMA, COLOUR_STRENGTH, DataConfig, LoaderError, LoaderRequest, blur_kernel,
-                          output_dtype, require_path, to_device)
+                          image_folder, output_dtype, require_path, split_classes, to_device)
 
 try:
     from nvidia.dali import fn, pipeline_def, types
@@ -83,10 +82,10 @@ def _unreadable(path: str) -> Optional[str]:
 
 
 @functools.lru_cache(maxsize=8)
-def _image_folder(root: str) -> tuple[tuple[tuple[str, int], ...], tuple[str, ...]]:
-    """torchvision's ImageFolder scan of a split, once per process (training, the k-NN bank and the
-    linear evaluation read the same split)."""
-    folder = datasets.ImageFolder(root)
+def _image_folder(root: str, key: str, classes: Optional[tuple[str, ...]]):
+    """The split's (path, label) pairs and class names, scanned once per process (training, the k-NN
+    bank and the linear evaluation read the same split)."""
+    folder = image_folder(Path(root), key, classes)
     return tuple(folder.samples), tuple(folder.classes)
 
 
@@ -95,15 +94,12 @@ def _unreadable_cached(path: str) -> Optional[str]:
     return _unreadable(path)
 
 
-def scan(root: Path, key: str, threads: int, subset: Optional[int] = None,
-         seed: int = 0) -> tuple[list[tuple[str, int]], list[str], list[str]]:
+def scan(root: Path, key: str, threads: int, subset: Optional[int] = None, seed: int = 0,
+         classes: Optional[Sequence[str]] = None) -> tuple[list[tuple[str, int]], list[str], list[str]]:
     """(readable (path, label) pairs, class names, unreadable file reports) of the files of an
     ImageFolder a request reads: all, or its ``subset`` (drawn as ``loaders.subset_indices`` draws it).
     Only those files are opened, and each only once per process."""
-    try:
-        all_samples, classes = _image_folder(str(root))
-    except (FileNotFoundError, RuntimeError) as exc:  # no class folders / no images
-        raise LoaderError(f"{key}: {exc}") from exc
+    all_samples, classes = _image_folder(str(root), key, None if classes is None else tuple(classes))
     chosen = [all_samples[i] for i in subset_indices(len(all_samples), subset, seed)]
     with ThreadPoolExecutor(max(1, threads)) as pool:  # I/O bound: threads overlap file opens
         reports = list(pool.map(_unreadable_cached, (p for p, _ in chosen), chunksize=256))
@@ -189,7 +185,8 @@ class DALILoader:
     def __init__(self, cfg: DataConfig, req: LoaderRequest):
         key = f"data.{req.split}"
         root = require_path(getattr(cfg, req.split), key)
-        samples, self.classes, bad = scan(root, key, cfg.num_workers, req.subset, req.seed)
+        samples, self.classes, bad = scan(root, key, cfg.num_workers, req.subset, req.seed,
+                                          split_classes(cfg, req.split))
         self.num_classes = len(self.classes)
         self.skipped: set[str] = {entry.split(" (", 1)[0] for entry in bad}
         if bad:

@@ -32,6 +32,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from fasttrain.engine.faults import Stopped, replacing, stop_on_signals, sweep_stale_temps
+from loaders.spec import load_rgb
 
 _TORCH_THREADS = torch.get_num_threads()
 import ffcv  # noqa: E402,F401  (importing it sets torch's thread count to 1: restored here)
@@ -57,8 +58,7 @@ class _ImageDataset:
 
     def __getitem__(self, index):
         path, label = self.samples[index]
-        with Image.open(path) as image:
-            return np.asarray(image.convert("RGB")), label
+        return np.asarray(load_rgb(path)), label
 
 
 def _unreadable(path: str) -> Optional[str]:
@@ -167,8 +167,10 @@ def verify(path: str | os.PathLike, labels: list[int]) -> None:
 
 def convert(src, out, *, max_resolution: int = 512, compress_probability: float = 0.5,
             jpeg_quality: int = 90, write_mode: str = "proportion", num_workers: Optional[int] = None,
-            subset: Optional[int] = None, verify_output: bool = False, chunksize: int = 100) -> dict:
-    """Write the ImageFolder ``src`` to the .beton ``out``; return a summary dict."""
+            subset: Optional[int] = None, verify_output: bool = False, chunksize: int = 100,
+            classes_from=None) -> dict:
+    """Write the ImageFolder ``src`` to the .beton ``out``; return a summary dict. ``classes_from``: the
+    training split's folder, whose class folders number the labels of every split (default: ``src``'s)."""
     src, out = Path(src).expanduser(), Path(out).expanduser()
     if not src.is_dir():
         raise ConvertInputError(f"SRC_DIR: no such directory: {src}")
@@ -182,15 +184,16 @@ def convert(src, out, *, max_resolution: int = 512, compress_probability: float 
         raise ConvertInputError(f"max_resolution={max_resolution} must be > 0, compress_probability="
                                 f"{compress_probability} in [0, 1], jpeg_quality={jpeg_quality} in [1, 100]")
     from ffcv.fields import IntField, RGBImageField
-    from torchvision.datasets import ImageFolder
 
     sweep_stale_temps(out.parent, out.name)
 
     start = time.perf_counter()  # after the imports (ffcv + numba take seconds)
+    from loaders.spec import LoaderError, class_names, image_folder
     try:
-        folder = ImageFolder(str(src))
-    except (FileNotFoundError, RuntimeError) as exc:  # no class folders / no images in them
-        raise ConvertInputError(f"SRC_DIR: {exc}") from exc
+        classes = class_names(Path(classes_from).expanduser()) if classes_from else None
+        folder = image_folder(src, "SRC_DIR", classes)
+    except (LoaderError, OSError) as exc:
+        raise ConvertInputError(str(exc)) from exc
     samples = folder.samples[:subset] if subset and subset > 0 else folder.samples
     workers = max(1, num_workers or os.cpu_count() or 1)
 
@@ -230,13 +233,16 @@ def main(argv=None) -> int:
     p.add_argument("--num-workers", type=int, default=None, help="writer processes (default: all cores)")
     p.add_argument("--subset", type=int, default=None, help="only the first K images")
     p.add_argument("--verify", action="store_true", help="read the file back and check count and labels")
+    p.add_argument("--classes-from", metavar="TRAIN_DIR", default=None,
+                   help="number the labels by this folder's classes (the training split's: give it when converting "
+                        "val/, so that a class missing there cannot shift the labels of the others)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     stop_on_signals()
     try:
         s = convert(a.src, a.out, max_resolution=a.max_resolution, compress_probability=a.compress_probability,
                     jpeg_quality=a.jpeg_quality, write_mode=a.write_mode, num_workers=a.num_workers,
-                    subset=a.subset, verify_output=a.verify)
+                    subset=a.subset, verify_output=a.verify, classes_from=a.classes_from)
     except ConvertInputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -11,10 +11,12 @@ import functools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Literal, Optional, Protocol, Union
+from typing import Iterator, Literal, Optional, Protocol, Sequence, Union
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from fasttrain.errors import LoaderError  # a data problem: one line, exit status 2
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -31,12 +33,8 @@ def blur_kernel(image_size: int) -> int:
     return int(0.1 * image_size) // 2 * 2 + 1
 
 
-class LoaderError(Exception):
-    """A user-facing data problem (missing path, unusable file, missing backend): one clear line."""
-
-
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class FFCVOptions(_Strict):
@@ -205,6 +203,72 @@ def _refuse_symlink_loops(root: str, shown_root: str, key: str) -> None:
                 walk(os.path.join(shown, entry.name), target, ancestors | {target})
 
     walk(shown_root, root, frozenset({root}))
+
+
+def _visible(name: str) -> bool:
+    """Hidden and OS-metadata entries (``.ipynb_checkpoints/``, ``__MACOSX/``, AppleDouble ``._x.jpg``)
+    are neither classes nor images."""
+    return not name.startswith((".", "__MACOSX"))
+
+
+def class_names(root: Path) -> list[str]:
+    """The class folders of an image folder, sorted as torchvision sorts them, hidden ones left out."""
+    return sorted(e.name for e in os.scandir(root) if e.is_dir() and _visible(e.name))
+
+
+def image_folder(root: Path, key: str, classes: Optional[Sequence[str]] = None):
+    """torchvision's ImageFolder of ``root`` whose labels index ``classes`` (the training split's, so
+    that every split of a dataset numbers its classes alike; default: ``root``'s own). Only visible
+    regular files (or links to them) with an image extension are images: a FIFO or a socket would
+    block the reader. A split whose class folders differ from ``classes`` is one LoaderError naming
+    the missing and extra ones."""
+    from torchvision import datasets
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    own = class_names(root)
+    classes = list(classes) if classes is not None else own
+    missing, extra = sorted(set(classes) - set(own)), sorted(set(own) - set(classes))
+    if missing or extra:
+        raise LoaderError(f"{key}: {root} has other class folders than the training split: "
+                          + "; ".join(part for part in (f"missing {', '.join(missing)}" if missing else "",
+                                                        f"extra {', '.join(extra)}" if extra else "") if part))
+
+    class Folder(datasets.ImageFolder):
+        def find_classes(self, directory):
+            return classes, {name: index for index, name in enumerate(classes)}
+
+    def is_image(path: str) -> bool:
+        name = os.path.basename(path)
+        return _visible(name) and name.lower().endswith(IMG_EXTENSIONS) and os.path.isfile(path)
+
+    try:
+        return Folder(str(root), is_valid_file=is_image)
+    except (FileNotFoundError, RuntimeError) as exc:  # no class folders / no images in them
+        raise LoaderError(f"{key}: {exc}") from exc
+
+
+def load_rgb(path: str):
+    """An image file as an 8-bit RGB PIL image, the same pixels every backend sees: EXIF orientation
+    applied (as DALI's decoder does), 16-bit greyscale scaled to 8 bits rather than clipped to white,
+    palette and alpha images converted. What torchvision's loader and the FFCV converter read."""
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as image:
+        image = ImageOps.exif_transpose(image)
+        if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit PNG/TIFF greyscale: 0-65535
+            import numpy as np
+            pixels = np.asarray(image, dtype=np.uint32) >> 8
+            image = Image.fromarray(pixels.clip(0, 255).astype(np.uint8), mode="L")
+        return image.convert("RGB")
+
+
+def split_classes(cfg: "DataConfig", split: str) -> Optional[list[str]]:
+    """The class list every split of ``cfg`` is numbered by: the training split's class folders (None
+    where the training split is no folder: a .beton, synthetic data)."""
+    train = cfg.train
+    if train is None or not Path(train).expanduser().is_dir():
+        return None
+    return class_names(Path(train).expanduser())
 
 
 def to_device(x: torch.Tensor, req: LoaderRequest, dtype: torch.dtype) -> torch.Tensor:

@@ -7,11 +7,11 @@ from typing import Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
-from torchvision import datasets, transforms as T
+from torchvision import transforms as T
 
 from loaders import TORCHVISION_PREFETCH_FACTOR, shard, subset_indices
 from loaders.spec import (BLUR_P, BLUR_SIGMA, COLOUR_STRENGTH, DataConfig, LoaderError, LoaderRequest, blur_kernel,
-                          output_dtype, require_path, to_device)
+                          image_folder, load_rgb, output_dtype, require_path, split_classes, to_device)
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +40,8 @@ class TolerantImageFolder(Dataset):
     read drops it (its item is ``None``): every readable image counts once, and no image twice.
     """
 
-    def __init__(self, root, transforms, replace: bool):
-        self.folder = datasets.ImageFolder(root)
+    def __init__(self, folder, transforms, replace: bool):
+        self.folder = folder  # spec.image_folder
         self.transforms, self.replace = transforms, replace  # one per view
 
     def __len__(self):
@@ -52,7 +52,7 @@ class TolerantImageFolder(Dataset):
         for attempt in range(len(self) if self.replace else 1):
             path, label = self.folder.samples[(index + attempt) % len(self)]
             try:
-                image = self.folder.loader(path)
+                image = load_rgb(path)
             except Exception as exc:  # PIL raises many types for a broken file
                 skipped.append(f"{path} ({type(exc).__name__}: {exc})")
                 continue
@@ -85,10 +85,8 @@ class TorchvisionLoader:
     def __init__(self, cfg: DataConfig, req: LoaderRequest):
         key = f"data.{req.split}"
         root = require_path(getattr(cfg, req.split), key)
-        try:
-            dataset = TolerantImageFolder(root, [build_transform(cfg, a) for a in req.augments], req.training)
-        except (FileNotFoundError, RuntimeError) as exc:  # ImageFolder: no class folders / no images
-            raise LoaderError(f"{key}: {exc}") from exc
+        folder = image_folder(root, key, split_classes(cfg, req.split))
+        dataset = TolerantImageFolder(folder, [build_transform(cfg, a) for a in req.augments], req.training)
         self.req, self.dtype, self.root = req, output_dtype(cfg), root
         self.num_classes = len(dataset.folder.classes)
         self.classes = dataset.folder.classes

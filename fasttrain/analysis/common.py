@@ -14,7 +14,8 @@ from fasttrain.engine.faults import save_figure as save_png  # noqa: F401  (re-e
 from fasttrain.engine.trainer import write_results as write_json  # noqa: F401
 from fasttrain.methods import Method, get_method
 from fasttrain.models import MultiExitResNet
-from fasttrain.recipe import Recipe, RecipeError
+from fasttrain.errors import CheckpointError
+from fasttrain.recipe import Recipe
 
 
 class Trained(NamedTuple):
@@ -34,7 +35,7 @@ def load_trained(path: Path, overrides: tuple[str, ...] = ()) -> Trained:
     if path.is_dir():
         path = path / "checkpoint.pt"
     if not path.is_file():
-        raise RecipeError(f"no such checkpoint: {path}")
+        raise CheckpointError(f"no such checkpoint: {path}")
     state = checkpoint.load(path, "checkpoint")
     recipe = checkpoint.recipe_of(state)
     if overrides:
@@ -64,11 +65,11 @@ def eval_batches(recipe: Recipe, split: str, images: Optional[int] = None,
 
 def main_with_one_line_errors(main: Callable[[], int], prog: str) -> int:
     """Run ``main``; a user error (bad path, recipe key, unreadable image) is one line and exit 2."""
-    from loaders import LoaderError
+    from fasttrain.errors import UserError
 
     try:
         return main()
-    except (RecipeError, LoaderError, FileNotFoundError) as exc:
+    except (UserError, FileNotFoundError) as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

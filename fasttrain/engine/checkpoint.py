@@ -1,9 +1,12 @@
 """Checkpoints written atomically: a temp name in the same directory, then os.replace."""
 from __future__ import annotations
 
+import argparse
 import logging
 import os
+import pickle
 import random
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +14,7 @@ import numpy as np
 import torch
 
 from fasttrain.engine.faults import replacing
+from fasttrain.errors import CheckpointError
 
 log = logging.getLogger("fasttrain")
 CHECKPOINT = "checkpoint.pt"
@@ -41,16 +45,14 @@ def save_kept(state: dict, run_dir: Path, keep_last: int = 1) -> Path:
 
 def load_newest_good(run_dir: Path, what: str):
     """(path, state) of ``checkpoint.pt`` or, if that is unreadable, of the newest readable kept one
-    (with a warning naming both); (None, None) if there is none; a RecipeError if none is readable."""
-    from fasttrain.recipe import RecipeError
-
+    (with a warning naming both); (None, None) if there is none; a CheckpointError if none is readable."""
     latest = Path(run_dir) / CHECKPOINT
     candidates = [latest, *sorted(latest.parent.glob("checkpoint-*.pt"), reverse=True)]
     first_error = None
     for path in (p for p in candidates if p.is_file()):
         try:
             state = load(path, what)
-        except RecipeError as exc:
+        except CheckpointError as exc:
             first_error = first_error or exc
             continue
         if first_error:
@@ -63,8 +65,11 @@ def load_newest_good(run_dir: Path, what: str):
 
 def rng_state() -> dict:
     """Every random generator a training step draws from in this process (augmentations with
-    ``num_workers: 0`` draw from torch's)."""
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    ``num_workers: 0`` draw from torch's), as tensors and plain values only (a weights-only load)."""
+    kind, keys, position, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
+                       "has_gauss": int(has_gauss), "gauss": float(gauss)}}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -72,28 +77,52 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["position"], n["has_gauss"], n["gauss"]))
+    random.setstate(_tuples(state["python"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _tuples(value):
+    """random.setstate wants tuples where a round trip may have left lists."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
 REQUIRED = ("model", "recipe", "method", "arch", "epoch", "updates")
 
 
-def load(path: Path, what: str) -> dict:
-    """A checkpoint written by this project; anything else (truncated, empty, another file) is one
-    RecipeError line naming ``what`` (the key or flag that gave the path) and the file."""
-    from fasttrain.recipe import RecipeError
+UPGRADE = "python -m fasttrain.engine.checkpoint --upgrade-trusted OLD.pt NEW.pt"
 
+
+def read_tensors(path: Path, what: str, kind: str = "checkpoint"):
+    """``torch.load`` restricted to tensors and plain data (``weights_only``): a file that holds other
+    Python objects is refused, never unpickled (unpickling can run code). Any failure is one
+    CheckpointError line naming ``what`` (the key or flag that gave the path) and the file."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "weights only" not in str(exc).lower() and "weights_only" not in str(exc):
+            raise CheckpointError(f"{what}: {path} is not a readable {kind} ({_first_line(exc)})") from None
+        raise CheckpointError(
+            f"{what}: {path} holds Python objects besides tensors and plain data, so it is not loaded (unpickling "
+            f"it could run code); a checkpoint of an earlier fasttrain that you trust converts with: {UPGRADE}") \
+            from None
     except Exception as exc:  # torch.load raises a different type for each way a file can be broken
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise RecipeError(f"{what}: {path} is not a readable checkpoint ({reason})") from None
+        raise CheckpointError(f"{what}: {path} is not a readable {kind} ({_first_line(exc)})") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def load(path: Path, what: str) -> dict:
+    """A checkpoint written by this project; anything else (truncated, empty, another file, one that
+    holds code) is one CheckpointError line naming ``what`` and the file."""
+    state = read_tensors(path, what)
     missing = [key for key in REQUIRED if not isinstance(state, dict) or key not in state]
     if missing:
-        raise RecipeError(f"{what}: {path} is not a fasttrain checkpoint (no {', '.join(missing)})")
+        raise CheckpointError(f"{what}: {path} is not a fasttrain checkpoint (no {', '.join(missing)})")
     return state
 
 
@@ -114,9 +143,7 @@ def num_classes(state: dict):
 
 
 def load_weights(model: torch.nn.Module, state: dict, what: str) -> None:
-    """The checkpoint's weights into ``model``; a model of another shape is one RecipeError line."""
-    from fasttrain.recipe import RecipeError
-
+    """The checkpoint's weights into ``model``; a model of another shape is one CheckpointError line."""
     weights = state["model"]
     if not any(k.startswith("heads.") for k in model.state_dict()):  # older runs kept unused heads: not read
         weights = {k: v for k, v in weights.items() if not k.startswith("heads.")}
@@ -124,5 +151,37 @@ def load_weights(model: torch.nn.Module, state: dict, what: str) -> None:
         model.load_state_dict(weights)
     except RuntimeError as exc:
         detail = str(exc).strip().splitlines()
-        raise RecipeError(f"{what} does not fit this model ({detail[1].strip() if len(detail) > 1 else detail[0]})") \
+        raise CheckpointError(f"{what} does not fit this model ({detail[1].strip() if len(detail) > 1 else detail[0]})") \
             from None
+
+
+def upgrade_trusted(old: Path, new: Path) -> None:
+    """Rewrites a checkpoint of an earlier fasttrain (its numpy RNG states pickled as arrays) as tensors
+    and plain data, which ``load`` reads. This unpickles ``old``: only for a file you trust."""
+    state = torch.load(old, map_location="cpu", weights_only=False)  # the user vouches for this file
+    for rng in state.get("rng") or []:
+        if isinstance(rng.get("numpy"), tuple):
+            kind, keys, position, has_gauss, gauss = rng["numpy"]
+            rng["numpy"] = {"kind": kind, "keys": torch.from_numpy(np.asarray(keys).astype(np.int64)),
+                            "position": int(position), "has_gauss": int(has_gauss), "gauss": float(gauss)}
+    atomic_save(state, new)
+    load(new, "NEW")  # what was written reads back without unpickling code
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fasttrain.engine.checkpoint",
+                                     description="Convert a checkpoint of an earlier fasttrain that you trust.")
+    parser.add_argument("--upgrade-trusted", nargs=2, metavar=("OLD", "NEW"), type=Path, required=True,
+                        help="unpickle OLD (it can run code: only a file you trust) and write it as NEW")
+    old, new = parser.parse_args(argv).upgrade_trusted
+    try:
+        upgrade_trusted(old, new)
+    except (CheckpointError, OSError, pickle.UnpicklingError, EOFError, RuntimeError) as exc:
+        print(f"fasttrain.engine.checkpoint: error: {old}: {_first_line(exc)}", file=sys.stderr)
+        return 2
+    print(f"wrote {new}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -29,8 +29,8 @@ def knn_votes(query: torch.Tensor, bank: torch.Tensor, bank_labels: torch.Tensor
     k = min(k, bank.shape[0])
     votes = []
     for rows in query.split(chunk):
-        sim, index = (rows @ bank.T).topk(k, dim=1)
-        weights = (sim / temperature).exp()
+        sim, index = (rows @ bank.T).topk(k, dim=1)  # sorted: column 0 is the nearest
+        weights = ((sim - sim[:, :1]) / temperature).exp()  # exp(sim/T) / exp(max/T): never overflows
         scores = torch.zeros(rows.shape[0], num_classes, device=rows.device)
         votes.append(scores.scatter_add_(1, bank_labels[index], weights))
     votes = torch.cat(votes)

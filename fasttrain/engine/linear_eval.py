@@ -68,6 +68,7 @@ def evaluate(logit_fn, loader, accelerator: Accelerator, num_exits: int) -> dict
     first sub-network's entry of ``exits``."""
     names = exit_names(num_exits) + (["ensemble"] if num_exits > 1 else [])
     correct = torch.zeros(len(names), 2, device=accelerator.device)
+    nonfinite = torch.zeros(len(names), device=accelerator.device)  # samples whose logits are NaN/Inf
     seen = torch.zeros((), device=accelerator.device)
     for views, labels in loader:
         per_exit = logit_fn(views[0])
@@ -75,11 +76,16 @@ def evaluate(logit_fn, loader, accelerator: Accelerator, num_exits: int) -> dict
             per_exit = [*per_exit, torch.stack(per_exit).mean(0)]
         for i, logits in enumerate(per_exit):
             correct[i] += topk_correct(logits, labels)
+            nonfinite[i] += (~torch.isfinite(logits).all(dim=1)).sum()
         seen += labels.numel()
     skipped = torch.tensor(float(len(loader.skipped)), device=accelerator.device)
     correct, seen = accelerator.reduce(correct, reduction="sum"), accelerator.reduce(seen, reduction="sum")
+    nonfinite = accelerator.reduce(nonfinite, reduction="sum").tolist()
     acc = (100 * correct / seen.clamp(min=1)).tolist()
-    result = {name: {"top1": a[0], "top5": a[1]} for name, a in zip(names, acc)}
+    # a classifier whose logits are not numbers has no accuracy: its top-k picks are arbitrary
+    result = {name: ({"top1": a[0], "top5": a[1]} if not bad else
+                     {"top1": None, "top5": None, "nonfinite_samples": int(bad)})
+              for name, a, bad in zip(names, acc, nonfinite)}
     return {"backbone": result["backbone"], "subnetwork": result.get("sub0"),
             "ensemble": result.get("ensemble"), "exits": result, "samples": int(seen),
             "skipped_images": int(accelerator.reduce(skipped, reduction="sum"))}

@@ -2,13 +2,19 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
+import logging
 import resource
 import time
 from pathlib import Path
 from typing import Optional
 
 import torch
+
+from fasttrain.engine.faults import write_bytes
+
+log = logging.getLogger("fasttrain")
 
 
 class PeakMemory:
@@ -116,34 +122,50 @@ class MetricsFile:
     """Appends one row per record to ``metrics.jsonl`` and ``metrics.csv`` (main process only).
 
     A run that starts afresh starts empty files; a resumed run keeps the rows up to the step it
-    resumes from (``resume_step``) and drops what an interrupted run logged after its checkpoint."""
+    resumes from (``resume_step``) and drops what an interrupted run logged after its checkpoint:
+    the kept rows are written under a temporary name and renamed over the old files, so a stop at
+    any moment leaves either the old history or the new one, never less. A torn last line (what
+    kill -9 or a full disk leaves) is dropped with a warning."""
 
     def __init__(self, run_dir: Path, enabled: bool, resume_step: Optional[int] = None):
         self.enabled = enabled
         self.jsonl, self.csv = Path(run_dir) / "metrics.jsonl", Path(run_dir) / "metrics.csv"
         if not enabled:
             return
-        kept = [r for r in self.read() if r["step"] <= resume_step] if resume_step is not None else []
-        self.jsonl.unlink(missing_ok=True)
-        self.csv.unlink(missing_ok=True)
-        for row in kept:
-            self.write(row)
+        kept = [r for r in self.read() if r.get("step", 0) <= resume_step] if resume_step is not None else []
+        write_bytes(self.jsonl, "".join(json.dumps(row) + "\n" for row in kept).encode())
+        write_bytes(self.csv, _csv_text(kept, header=True).encode())
 
     def read(self) -> list[dict]:
         if not self.jsonl.is_file():
             return []
-        return [json.loads(line) for line in self.jsonl.read_text().splitlines() if line.strip()]
+        rows = []
+        for number, line in enumerate(self.jsonl.read_text(errors="replace").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                log.warning("%s: line %d is not a JSON record (a torn write): left out", self.jsonl, number)
+        return rows
 
     def write(self, row: dict) -> None:
         if not self.enabled:
             return
         with self.jsonl.open("a") as f:
             f.write(json.dumps(row) + "\n")
-        new = not self.csv.exists()
         with self.csv.open("a", newline="") as f:
-            writer = csv.writer(f)
-            if new:
-                writer.writerow(["kind", "epoch", "step", "key", "value"])
-            for key, value in row.items():
-                if key not in ("kind", "epoch", "step"):
-                    writer.writerow([row.get("kind"), row.get("epoch"), row.get("step"), key, value])
+            f.write(_csv_text([row], header=f.tell() == 0))
+
+
+def _csv_text(rows: list[dict], header: bool) -> str:
+    """Long-format CSV: one line per (row, key)."""
+    out = io.StringIO()
+    writer = csv.writer(out)
+    if header:
+        writer.writerow(["kind", "epoch", "step", "key", "value"])
+    for row in rows:
+        for key, value in row.items():
+            if key not in ("kind", "epoch", "step"):
+                writer.writerow([row.get("kind"), row.get("epoch"), row.get("step"), key, value])
+    return out.getvalue()

@@ -81,7 +81,14 @@ def per_process_batch(recipe: Recipe, accelerator: Accelerator) -> int:
     if recipe.train.batch_size % parts:
         raise RecipeError(f"train.batch_size={recipe.train.batch_size} is not divisible by processes x "
                           f"grad_accum_steps = {parts}")
-    return recipe.train.batch_size // parts
+    batch = recipe.train.batch_size // parts
+    if batch < 2:
+        raise RecipeError(f"train.batch_size={recipe.train.batch_size}: {batch} image per process and micro-step; "
+                          f"BatchNorm needs at least 2")
+    if get_method(recipe.method).mix and batch % 2:
+        raise RecipeError(f"train.batch_size={recipe.train.batch_size}: {batch} images per process and micro-step; "
+                          f"method={recipe.method} mixes image i with i + B/2 and needs an even number")
+    return batch
 
 
 def build_model(recipe: Recipe, method: Method, num_classes: int) -> MultiExitResNet:
@@ -223,6 +230,7 @@ class TrainResult:
     nonfinite_steps: int  # updates skipped: a NaN/Inf loss, or an fp16 overflow GradScaler skipped
     knn: list[dict]  # per evaluated epoch: {"epoch", <exit>: top-1 %, ..., "ensemble"}
     profile: Optional[dict] = None  # monitor.profile: ms per step of each part (profiling.PARTS)
+    classes: Optional[list[str]] = None  # the class folders, in label order (None for a .beton, synthetic data)
 
 
 def train(recipe: Recipe, accelerator: Accelerator) -> TrainResult:
@@ -246,7 +254,7 @@ def train(recipe: Recipe, accelerator: Accelerator) -> TrainResult:
         raise RecipeError(f"train.grad_accum_steps={recipe.train.grad_accum_steps}: more than the "
                           f"{micro_steps} steps of an epoch")
     micro_steps = updates_per_epoch * recipe.train.grad_accum_steps
-    start_epoch, start_step, updates, rng = _resume(recipe, model, optimizer, accelerator)
+    start_epoch, start_step, updates, rng = _resume(recipe, model, optimizer, accelerator, loader)
     num_exits = model.num_exits
     model, optimizer = accelerator.prepare(model, optimizer)
     loss_fn = objective(recipe)
@@ -268,7 +276,8 @@ def train(recipe: Recipe, accelerator: Accelerator) -> TrainResult:
                           loss_at_collapse=loss_fn.loss_at_collapse(images_per_step, num_exits))
     knn = KNNMonitor.online(recipe, accelerator) if recipe.monitor.knn_every else None
     knn_curve = [{k: v for k, v in r.items() if k not in ("kind", "step")} for r in metrics.read() if r["kind"] == "knn"]
-    save = functools.partial(_save, recipe, accelerator, model, optimizer)
+    save = functools.partial(_save, recipe, accelerator, model, optimizer, classes=getattr(loader, "classes", None),
+                             train_images=loader.num_samples * accelerator.num_processes)
     every_steps = recipe.run.checkpoint_every_steps
 
     profiler = _profiler(recipe, accelerator, model)
@@ -341,7 +350,8 @@ def train(recipe: Recipe, accelerator: Accelerator) -> TrainResult:
     return TrainResult(_plain(accelerator, model), method, recipe.schedule.epochs, step.updates,
                        speed.images_per_second, memory.peak_bytes(), memory.kind, memory.device_peak,
                        len(loader.skipped),
-                       skips.check("the end of training"), knn_curve, _profile_report(recipe, profiler))
+                       skips.check("the end of training"), knn_curve, _profile_report(recipe, profiler),
+                       getattr(loader, "classes", None))
 
 
 def _profiler(recipe: Recipe, accelerator: Accelerator, model) -> Optional[StepProfiler]:
@@ -469,7 +479,7 @@ class StopAgreement:
 
 
 def _save(recipe: Recipe, accelerator: Accelerator, model, optimizer, epoch: int, updates: int,
-          step_in_epoch: int = 0) -> None:
+          step_in_epoch: int = 0, classes: Optional[list[str]] = None, train_images: Optional[int] = None) -> None:
     """``epoch`` epochs and ``step_in_epoch`` micro-steps of the next are done; every process's RNG
     state is kept, so a resumed run continues the same random stream."""
     rng = gather_object([checkpoint.rng_state()])
@@ -478,13 +488,36 @@ def _save(recipe: Recipe, accelerator: Accelerator, model, optimizer, epoch: int
         state = {"model": _plain(accelerator, model).state_dict(), "optimizer": optimizer.state_dict(),
                  "epoch": epoch, "step_in_epoch": step_in_epoch, "rng": rng,
                  "updates": updates, "method": recipe.method, "arch": recipe.model.arch,
-                 "recipe": recipe.model_dump(mode="json")}
+                 "recipe": recipe.model_dump(mode="json"), "classes": list(classes) if classes else None,
+                 "train_images": train_images}
         if accelerator.scaler is not None:
             state["scaler"] = accelerator.scaler.state_dict()
         checkpoint.save_kept(state, Path(recipe.run.dir), recipe.run.keep_last)
 
 
-def _resume(recipe: Recipe, model, optimizer, accelerator: Accelerator):
+def _check_same_run(recipe: Recipe, state: dict, path: Path, processes: int, loader) -> None:
+    """A resume continues the run it resumes: the same global batch, number of processes (each restores
+    its own RNG stream) and dataset (classes and size), or the epoch position and schedule would no
+    longer mean what they did. ``run.resume_changes: true`` accepts a change, with a warning."""
+    was = {"train.batch_size": state["recipe"].get("train", {}).get("batch_size"),
+           "processes": len(state["rng"]) if state.get("rng") else None,
+           "classes": state.get("classes"), "training images": state.get("train_images")}
+    now = {"train.batch_size": recipe.train.batch_size, "processes": processes,
+           "classes": getattr(loader, "classes", None), "training images": loader.num_samples * processes}
+    changed = [f"{key} {was[key] if key != 'classes' else len(was[key])} -> "
+               f"{now[key] if key != 'classes' else len(now[key] or ())}"
+               + (" (other class folders)" if key == "classes" else "")
+               for key in was if was[key] is not None and now[key] is not None and was[key] != now[key]]
+    if not changed:
+        return
+    what = f"run.resume: {path} was trained with another setting: {'; '.join(changed)}"
+    if not recipe.run.resume_changes:
+        raise RecipeError(f"{what}; resume with the same settings, or set run.resume_changes=true if the change "
+                          f"is meant")
+    log.warning("%s (accepted: run.resume_changes)", what)
+
+
+def _resume(recipe: Recipe, model, optimizer, accelerator: Accelerator, loader):
     """(epoch, micro-step in that epoch, updates, per-process RNG states or None) to start from."""
     if recipe.run.resume == "never":
         return 0, 0, 0, None
@@ -500,6 +533,7 @@ def _resume(recipe: Recipe, model, optimizer, accelerator: Accelerator):
     if (state["method"], state["arch"]) != (recipe.method, recipe.model.arch):
         raise RecipeError(f"run.resume: {path} holds {state['method']}/{state['arch']}, the recipe asks for "
                           f"{recipe.method}/{recipe.model.arch}")
+    _check_same_run(recipe, state, path, accelerator.num_processes, loader)
     checkpoint.load_weights(model, state, f"run.resume: {path}")
     optimizer.load_state_dict(state["optimizer"])
     if "scaler" in state and accelerator.scaler is not None:
