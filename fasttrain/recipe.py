@@ -221,7 +221,16 @@ def _merge(base: dict, top: dict) -> dict:
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """YAML's safe loader, but a key given twice in one mapping is an error, not "the last wins"."""
+    """YAML's safe loader, but a key given twice in one mapping is an error, not "the last wins", and
+    aliases (``*name``) are refused: nested ones expand exponentially (a few hundred bytes can ask for
+    billions of values), and ``base:`` is how recipes share settings."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.events.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, f"the alias *{event.anchor} (recipes share settings "
+                                              f"with base:, not YAML aliases)", event.start_mark)
+        return super().compose_node(parent, index)
 
     def construct_mapping(self, node, deep=False):
         seen = set()

@@ -226,6 +226,8 @@ def image_folder(root: Path, key: str, classes: Optional[Sequence[str]] = None):
     from torchvision.datasets.folder import IMG_EXTENSIONS
 
     own = class_names(root)
+    if not own:
+        raise LoaderError(f"{key}: {root} has no class folders (one sub-folder of images per class)")
     classes = list(classes) if classes is not None else own
     missing, extra = sorted(set(classes) - set(own)), sorted(set(own) - set(classes))
     if missing or extra:

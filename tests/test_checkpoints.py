@@ -85,3 +85,20 @@ def test_export_refuses_to_overwrite_what_it_reads_and_a_foreign_classifier_file
     torch.save({"something": torch.zeros(1)}, tmp_path / checkpoint.LINEAR_CLASSIFIERS)
     with pytest.raises(CheckpointError, match="not a linear-classifier file"):
         export(ckpt, tmp_path / "out.pt")
+
+
+def test_a_disk_that_fills_mid_checkpoint_is_an_os_error_naming_the_file(tmp_path, monkeypatch):
+    """torch's zip writer turns a failed write into a RuntimeError of its own; the caller (run.py) turns
+    an OSError into one line and exit status 1, the previous checkpoint intact."""
+    path = tmp_path / "checkpoint.pt"
+    checkpoint.atomic_save(good_state(), path)
+    before = path.read_bytes()
+
+    def full(obj, file):
+        file.write(b"PK\x03\x04 half")
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 22")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(OSError, match=f"cannot write {path}.*disk full"):
+        checkpoint.atomic_save(good_state(), path)
+    assert path.read_bytes() == before and not list(tmp_path.glob(".checkpoint*"))

@@ -242,10 +242,10 @@ def test_a_beton_given_to_an_image_folder_loader_says_so(tmp_path, data):
 
 def test_no_readable_image_in_a_worker_is_one_line(tmp_path, data):
     train = tmp_path / "train"
-    for c in range(2):
-        (train / f"class_{c}").mkdir(parents=True)
+    for c in range(3):  # the classes of the validation split
+        (train / f"class_{c:02d}").mkdir(parents=True)
         for i in range(4):
-            (train / f"class_{c}" / f"{i}.jpg").write_bytes(b"not a jpeg")
+            (train / f"class_{c:02d}" / f"{i}.jpg").write_bytes(b"not a jpeg")
     proc = launch("fasttrain/run.py", write_recipe(tmp_path, data), f"data.train={train}", "data.num_workers=1",
                   "train.batch_size=4", "linear_eval.batch_size=4", accelerate=False, check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr

@@ -98,7 +98,7 @@ def tiny_checkpoint(tmp_path):
     from fasttrain.recipe import load_recipe
 
     data = tmp_path / "data"
-    make_image_folder(data / "train", classes=2, per_class=2, size=(12, 12))
+    make_image_folder(data / "train", classes=4, per_class=1, size=(12, 12))  # every split has the same classes
     make_image_folder(data / "val", classes=4, per_class=12, size=(12, 12), seed=1)
     run = tmp_path / "run"
     recipe = load_recipe(REPO / "recipes" / "demo_selfcon.yaml", [

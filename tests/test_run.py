@@ -191,6 +191,9 @@ def test_resume_auto_continues_the_interrupted_run(tmp_path, data):
     ("model.exits=[layer4]", "model.exits"),
     ("method=simclr_v2", "method"),
     ("loss.mix_weight=0.5", "loss.mix_weight"),
+    ("optim.lr=inf", "optim.lr"),  # not a number a run can use
+    ("loss.temperature=nan", "loss.temperature"),
+    ("train.batch_size=1", "train.batch_size=1: 1 image per process"),  # BatchNorm needs two
 ])
 def test_bad_recipe_exits_nonzero_naming_the_key(tmp_path, data, override, names):
     recipe = write_recipe(tmp_path, data)

@@ -31,3 +31,35 @@ def test_a_second_run_on_a_held_run_dir_is_refused_in_one_line(tmp_path):
     assert f"run.dir={run_dir}: another run (process" in proc.stderr
     with holding_run_dir(run_dir):  # released when the first block ended
         pass
+
+
+def test_yaml_aliases_are_refused_in_one_line(tmp_path):
+    recipe = tmp_path / "bomb.yaml"
+    recipe.write_text("a: &a [x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a]\n"
+                      "c: [*b, *b, *b, *b, *b, *b, *b, *b]\nmethod: selfcon\n")
+    proc = subprocess.run([sys.executable, "fasttrain/run.py", str(recipe)], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == (f"fasttrain: error: {recipe}:2: not valid YAML (the alias *a (recipes share "
+                                   f"settings with base:, not YAML aliases))")
+
+
+def test_a_resume_refuses_another_batch_or_dataset_unless_told(tmp_path):
+    from conftest import make_image_folder
+    from test_run import launch, write_recipe
+    make_image_folder(tmp_path / "data" / "train", classes=3, per_class=8, size=(24, 20))
+    make_image_folder(tmp_path / "data" / "val", classes=3, per_class=2, size=(24, 20), seed=1)
+    recipe = write_recipe(tmp_path, tmp_path / "data", "supcon_s", train={"precision": "fp32"},
+                          linear_eval={"enabled": False}, monitor={"knn_every": 0})
+    launch("fasttrain/run.py", recipe, accelerate=False)
+    state = __import__("fasttrain.engine.checkpoint", fromlist=["load"]).load(tmp_path / "run" / "checkpoint.pt", "t")
+    assert state["classes"] == ["class_00", "class_01", "class_02"] and state["train_images"] == 24
+    proc = launch("fasttrain/run.py", recipe, "schedule.epochs=2", "train.batch_size=4", accelerate=False,
+                  check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "was trained with another setting: train.batch_size 8 -> 4; resume with the same settings, or set " \
+           "run.resume_changes=true" in proc.stderr
+    proc = launch("fasttrain/run.py", recipe, "schedule.epochs=2", "train.batch_size=4", "run.resume_changes=true",
+                  accelerate=False)
+    assert "accepted: run.resume_changes" in proc.stderr
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["classes"] == state["classes"]

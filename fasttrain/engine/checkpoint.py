@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import pickle
@@ -26,7 +27,11 @@ def atomic_save(obj: Any, path: Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with replacing(path) as tmp, open(tmp, "wb") as file:
-        torch.save(obj, file)
+        try:
+            torch.save(obj, file)
+        except RuntimeError as exc:  # torch's zip writer reports a failed write (a full disk) as its own error
+            raise OSError(errno.EIO, f"cannot write {path} ({_first_line(exc)}); is the disk full?", str(path)) \
+                from None
 
 
 def save_kept(state: dict, run_dir: Path, keep_last: int = 1) -> Path:
