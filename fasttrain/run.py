@@ -43,7 +43,7 @@ def main(argv=None) -> int:
 
 
 def _main(argv) -> int:
-    from fasttrain.engine.faults import describe_os_error
+    from fasttrain.engine.faults import describe_crash, describe_os_error
 
     parser = argparse.ArgumentParser(description=__doc__, epilog=EXIT_CODES,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -90,6 +90,12 @@ def _main(argv) -> int:
     except (CollapseError, NonFiniteLossError) as exc:
         print(f"fasttrain: stopped: {exc}; the last checkpoint is intact", file=sys.stderr)
         return 3
+    except RuntimeError as exc:
+        why = describe_crash(exc)
+        if why is None:
+            raise  # a bug: its traceback is what to report
+        print(f"fasttrain: error: {why}; the last checkpoint is intact", file=sys.stderr)
+        return 1
     if results is not None:
         print(format_table(results))
     return 0

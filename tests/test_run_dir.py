@@ -63,3 +63,42 @@ def test_a_resume_refuses_another_batch_or_dataset_unless_told(tmp_path):
                   accelerate=False)
     assert "accepted: run.resume_changes" in proc.stderr
     assert json.loads((tmp_path / "run" / "results.json").read_text())["classes"] == state["classes"]
+
+
+def test_a_killed_loader_worker_is_one_line_naming_the_cure(tmp_path, monkeypatch, capsys):
+    import os
+    import signal
+
+    import torch.utils.data
+
+    import loaders.torchvision_loader
+    from conftest import make_image_folder
+    from fasttrain.run import main
+    from test_run import write_recipe
+    make_image_folder(tmp_path / "data" / "train", classes=3, per_class=8, size=(24, 20))
+    make_image_folder(tmp_path / "data" / "val", classes=3, per_class=2, size=(24, 20), seed=1)
+    recipe = write_recipe(tmp_path, tmp_path / "data", "supcon_s", train={"precision": "fp32"},
+                          data={"num_workers": 1}, linear_eval={"enabled": False}, monitor={"knn_every": 0})
+    real = loaders.torchvision_loader.load_rgb
+
+    def killed_in_a_worker(path):
+        if torch.utils.data.get_worker_info() is not None:
+            os.kill(os.getpid(), signal.SIGKILL)  # what the kernel's out-of-memory killer does
+        return real(path)
+
+    monkeypatch.setattr(loaders.torchvision_loader, "load_rgb", killed_in_a_worker)
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        assert main([str(recipe)]) == 1
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("fasttrain: error: a data loader worker died (DataLoader worker (pid")
+    assert "lower data.num_workers; the last checkpoint is intact" in err[-1]
+
+
+def test_a_peers_death_is_described_and_a_bug_is_not():
+    from fasttrain.engine.faults import describe_crash
+    assert "another process of this run stopped" in describe_crash(
+        RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer [10.0.0.2]:6000"))
+    assert describe_crash(RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x3 and 5x6)")) is None

@@ -172,3 +172,23 @@ def describe_os_error(exc: OSError) -> str:
     if exc.filename is not None and str(exc.filename) not in what:
         what = f"{exc.filename}: {what}"
     return what
+
+
+# what a crash of a loader worker or of another process of the run says (torch's own words)
+_WORKER_DIED = ("DataLoader worker (pid",)
+_PEER_DIED = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL communicator was aborted",
+              "ProcessGroupNCCL", "ProcessGroupGloo", "Socket Timeout", "failed to recv", "failed to send")
+
+
+def describe_crash(exc: BaseException) -> Optional[str]:
+    """One line for a crash that is not this process's bug: a loader worker killed (most often by the
+    kernel, out of memory), or another process of the run gone. None for anything else."""
+    import torch.distributed as dist
+
+    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    if any(marker in text for marker in _WORKER_DIED):
+        return (f"a data loader worker died ({text}); a worker killed by the system most often ran out of memory: "
+                f"lower data.num_workers")
+    if isinstance(exc, getattr(dist, "DistBackendError", ())) or any(m in text for m in _PEER_DIED):
+        return f"another process of this run stopped ({text[:160]}); this one stops too"
+    return None
