@@ -20,7 +20,8 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 log = logging.getLogger("fasttrain")
-EXIT_CODES = """exit status: 0 done; 1 the system refused a file operation (disk full, no permission); 2 bad input
+EXIT_CODES = """exit status: 0 done; 1 the system refused a file operation (disk full, no permission), or a loader
+worker or another process of the run died; 2 bad input
 (recipe key, path, file, checkpoint); 3 stopped itself: collapse (monitor.on_collapse: stop) or a loss
 not finite for train.max_nonfinite_steps steps in a row;
 130 interrupted (Ctrl-C); 143 / 138 stopped by SIGTERM / SIGUSR1 (preemption: during training, a checkpoint of the
