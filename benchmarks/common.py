@@ -49,7 +49,7 @@ class SyntheticStep(NamedTuple):
     labels: object
 
 
-def synthetic_step(recipe, num_classes: int, total_updates: int) -> SyntheticStep:
+def synthetic_step(recipe, num_classes: int) -> SyntheticStep:
     """The trainer's own step for ``recipe`` (make_accelerator -> training_model -> build_optimizer ->
     accelerator.prepare -> TrainStep), fed random images made once on the device (what a GPU-side
     loader hands over): no loading is measured."""
@@ -66,8 +66,7 @@ def synthetic_step(recipe, num_classes: int, total_updates: int) -> SyntheticSte
     model = training_model(recipe, method, num_classes, accelerator.num_processes)
     optimizer = build_optimizer(model, recipe.optim)
     model, optimizer = accelerator.prepare(model, optimizer)
-    step = TrainStep(accelerator, model, objective(recipe), optimizer, total_updates=total_updates,
-                     warmup_updates=0, final_lr_ratio=recipe.schedule.final_lr_ratio)
+    step = TrainStep(accelerator, model, objective(recipe), optimizer)  # a constant lr: timing, not learning
     model.train()
     gen = torch.Generator(device=device).manual_seed(0)
     fmt = torch.channels_last if recipe.train.channels_last else torch.contiguous_format

@@ -97,7 +97,7 @@ def count(method: str, args) -> dict:
             "train": {"batch_size": args.batch_size, "precision": args.precision, "channels_last": True},
             "schedule": {"epochs": 1, "warmup_epochs": 0}, "linear_eval": {"enabled": False},
             "run": {"dir": run_dir, "resume": "never"}, **getattr(args, "overrides", {})})
-        bench = synthetic_step(recipe, 10, total_updates=args.warmup + args.steps)
+        bench = synthetic_step(recipe, 10)
         for _ in range(args.warmup):
             bench.step(bench.views, bench.labels)
         reads, syncs = Counter(), Counter()

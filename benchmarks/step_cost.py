@@ -105,7 +105,7 @@ def measure(args, method_name: str) -> dict:
             "linear_eval": {"enabled": False},
             "run": {"dir": run_dir, "resume": "never"},
         })
-        bench = synthetic_step(recipe, NUM_CLASSES, total_updates=args.warmup + args.steps)
+        bench = synthetic_step(recipe, NUM_CLASSES)
         method, accelerator, model, step = bench.method, bench.accelerator, bench.model, bench.step
         device, batch, views, labels = accelerator.device, bench.batch, bench.views, bench.labels
 

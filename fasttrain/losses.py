@@ -25,12 +25,13 @@ def _world() -> tuple[int, int]:
     return 1, 0
 
 
-def _gather(features: torch.Tensor, labels: Optional[torch.Tensor]):
+def _gather(features: torch.Tensor, labels: Optional[torch.Tensor], gather: bool = True):
     """The contrast set: features of every process (with gradient: all_gather's backward sums the
     gradients of all processes into each one's own rows), their labels, and where this process's
-    rows start in it. Every process holds the same number of rows."""
+    rows start in it. Every process holds the same number of rows. ``gather`` False: this process's
+    own rows only (each process contrasts within its batch)."""
     world, rank = _world()
-    if world == 1:
+    if world == 1 or not gather:
         return features, labels, 0
     with mark("gather"):
         # torch.distributed.nn's all_gather: public since torch 1.8, backward reduce-scatters (sums)
@@ -95,7 +96,7 @@ def _masked_logits(anchors, contrast, own_column, temperature):
 
 
 def supcon_terms(features: torch.Tensor, labels: Optional[torch.Tensor] = None, *, temperature: float = 0.1,
-                 base_temperature: float = 0.07, anchor_views: Optional[Sequence[int]] = None):
+                 base_temperature: float = 0.07, anchor_views: Optional[Sequence[int]] = None, gather: bool = True):
     """Per-anchor losses ``[B, A]`` of this process's anchors and the mask of those that have a positive.
 
     ``A = len(anchor_views)``. Anchors are this process's own features; their contrast set is the
@@ -116,7 +117,7 @@ def supcon_terms(features: torch.Tensor, labels: Optional[torch.Tensor] = None, 
 
     with torch.autocast(features.device.type, enabled=False):
         own = features.float()
-        contrast, all_labels, offset = _gather(own, labels)
+        contrast, all_labels, offset = _gather(own, labels, gather)
         device, anchors_per_row = own.device, len(anchor_views)
         if all_labels is None:  # self-supervised: positives are the other features of the same row
             all_labels = torch.arange(contrast.shape[0], device=device)
@@ -140,15 +141,16 @@ def supcon_terms(features: torch.Tensor, labels: Optional[torch.Tensor] = None, 
     return loss.view(batch, anchors_per_row), (num_pos > 0).view(batch, anchors_per_row)
 
 
-def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, gather: bool = True) -> torch.Tensor:
     """Mean over the masked entries of every process; 0 (with a gradient path) when none is left.
 
     Each process sums its own entries and divides by the global count times 1/world: the mean of
     the processes' values is the global mean, and DDP's average of their gradients is the gradient
-    of the global mean (the gather's backward already sums every process's share)."""
+    of the global mean (the gather's backward already sums every process's share). ``gather`` False:
+    this process's own mean (DDP's average of the gradients is then the mean of the processes' losses)."""
     total, count = torch.where(mask, values, 0.0).sum(), mask.sum()
     world, _ = _world()
-    if world > 1:
+    if world > 1 and gather:
         count = count.clone()
         dist.all_reduce(count)
         total = total * world
@@ -156,7 +158,8 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def supcon_loss(features: torch.Tensor, labels: Optional[torch.Tensor] = None, *, temperature: float = 0.1,
-                base_temperature: float = 0.07, anchor_views: Optional[Sequence[int]] = None) -> torch.Tensor:
+                base_temperature: float = 0.07, anchor_views: Optional[Sequence[int]] = None,
+                gather: bool = True) -> torch.Tensor:
     """Supervised contrastive loss over ``features [B, V, D]`` (L2-normalised), as DESIGN.md states.
 
     Every feature in an ``anchor_views`` column is an anchor; its contrast set is every other
@@ -166,8 +169,8 @@ def supcon_loss(features: torch.Tensor, labels: Optional[torch.Tensor] = None, *
     global batch, and the averaged gradients are its gradients.
     """
     loss, valid = supcon_terms(features, labels, temperature=temperature, base_temperature=base_temperature,
-                               anchor_views=anchor_views)
-    return masked_mean(loss, valid)
+                               anchor_views=anchor_views, gather=gather)
+    return masked_mean(loss, valid, gather)
 
 
 def mix_targets(mix_lambda: torch.Tensor, first: torch.Tensor, second: torch.Tensor, columns: int) -> torch.Tensor:
@@ -180,18 +183,18 @@ def mix_targets(mix_lambda: torch.Tensor, first: torch.Tensor, second: torch.Ten
 
 
 def mix_contrast_loss(mixed: torch.Tensor, contrast: torch.Tensor, mix_lambda: torch.Tensor, first: torch.Tensor,
-                      second: torch.Tensor, *, temperature: float = 0.5) -> torch.Tensor:
+                      second: torch.Tensor, *, temperature: float = 0.5, gather: bool = True) -> torch.Tensor:
     """MixCo's soft InfoNCE: each mix ``mixed[m]`` (L2-normalised ``[M, D]``) against the contrast
     features of every process (``contrast [B, D]`` here, gathered with gradient), with target
     ``lambda`` on its first source ``contrast[first[m]]`` and ``1 - lambda`` on its second. The
     sources index this process's rows; their column in the global batch is offset by its rank.
     Returns this process's share of the global mean, as ``supcon_loss``."""
     with torch.autocast(mixed.device.type, enabled=False):
-        gathered, _, offset = _gather(contrast.float(), None)
+        gathered, _, offset = _gather(contrast.float(), None, gather)
         logits = mixed.float() @ gathered.T / temperature
         targets = mix_targets(mix_lambda, first + offset, second + offset, gathered.shape[0])
         per_mix = -(targets * logits.log_softmax(dim=1)).sum(dim=1)
-    return masked_mean(per_mix, torch.ones_like(per_mix, dtype=torch.bool))
+    return masked_mean(per_mix, torch.ones_like(per_mix, dtype=torch.bool), gather)
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:

@@ -48,6 +48,10 @@ class Method:
     labels: bool = True  # False: labels never reach the loss (self-supervised)
     views: Optional[tuple[str, ...]] = None  # each view's augmentation; None: data.augment for every view
     mix: bool = False  # the batch builder appends mix-ups of each view (MixCo)
+    # the temperatures its paper's official code uses (loss.temperature / loss.base_temperature override
+    # them); base_temperature None: the same as temperature (NT-Xent, no rescaling)
+    temperature: float = 0.1
+    base_temperature: Optional[float] = 0.07
 
     @property
     def forward_images_per_image(self) -> float:
@@ -74,16 +78,16 @@ def _supcon_family(obj: "Objective", out: EncoderOutput, labels, layout: Layout,
     columns = range(features.shape[1])
     backbone = [c for c in columns if c % num_exits == num_exits - 1]
     subnet = [c for c in columns if c % num_exits != num_exits - 1]
-    terms = dict(temperature=obj.temperature, base_temperature=obj.base_temperature)
+    terms = dict(temperature=obj.temperature, base_temperature=obj.base_temperature, gather=obj.gather)
     if obj.alpha is None:
         per_anchor, valid = supcon_terms(features, labels, **terms)
-        loss = masked_mean(per_anchor, valid)
-        logs = {f"loss/{name}": masked_mean(per_anchor[:, e::num_exits].detach(), valid[:, e::num_exits])
+        loss = masked_mean(per_anchor, valid, obj.gather)
+        logs = {f"loss/{name}": masked_mean(per_anchor[:, e::num_exits].detach(), valid[:, e::num_exits], obj.gather)
                 for e, name in enumerate(exit_names(num_exits))} if detail else {}
     else:  # L = 1/(1+a) L_sup(backbone) + a/(1+a) L_self(all exits, sub-network anchors)
         sup, sup_valid = supcon_terms(features[:, backbone], labels, **terms)
         sub, sub_valid = supcon_terms(features, labels, anchor_views=subnet, **terms)
-        sup, sub = masked_mean(sup, sup_valid), masked_mean(sub, sub_valid)
+        sup, sub = masked_mean(sup, sup_valid, obj.gather), masked_mean(sub, sub_valid, obj.gather)
         loss = (sup + obj.alpha * sub) / (1 + obj.alpha)
         logs = {"loss/backbone": sup.detach(), "loss/subnetworks": sub.detach()}
     if not detail:
@@ -113,7 +117,7 @@ def _cds(obj: "Objective", out: EncoderOutput, labels, layout: Layout, detail: b
     ce = cross_entropy(out.logits[:batch], labels, obj.label_smoothing)
     names = exit_names(len(out.projections))
     contrast = [supcon_loss(z.unflatten(0, (layout.views, batch)).transpose(0, 1), obj.contrast_labels(labels),
-                            temperature=obj.temperature, base_temperature=obj.base_temperature)
+                            temperature=obj.temperature, base_temperature=obj.base_temperature, gather=obj.gather)
                 for z in out.projections]
     loss = ce + obj.aux_weight * sum(contrast)
     if not detail:
@@ -131,10 +135,10 @@ def _mixco(obj: "Objective", out: EncoderOutput, labels, layout: Layout, detail:
     batch, half = labels.shape[0], labels.shape[0] // 2
     views, mixes = z[:2 * batch].unflatten(0, (2, batch)), z[2 * batch:].unflatten(0, (2, half))
     base = supcon_loss(views.transpose(0, 1), None, temperature=obj.temperature,
-                       base_temperature=obj.base_temperature)
+                       base_temperature=obj.base_temperature, gather=obj.gather)
     first = torch.arange(half, device=z.device)
     mix = sum(mix_contrast_loss(mixes[v], views[1 - v], layout.mix_lambda[v], first, first + half,
-                                temperature=obj.mix_temperature) for v in (0, 1)) / 2
+                                temperature=obj.mix_temperature, gather=obj.gather) for v in (0, 1)) / 2
     loss = base + obj.mix_weight * mix
     if not detail:
         return loss, {"loss": loss.detach()}
@@ -145,7 +149,10 @@ def _mixco(obj: "Objective", out: EncoderOutput, labels, layout: Layout, detail:
 _SUPCON = dict(loss=_supcon_family, contrastive=True, classifiers="none", evaluation="linear")
 # CDS's views differ (official code): view 1, read by the classifier, is crop + flip; view 2 adds colour
 _CDS = dict(num_views=2, uses_subnetwork=True, loss=_cds, contrastive=True, classifiers="backbone",
-            evaluation="classifier", options=("aux_weight",), aux_weight=0.1, views=("basic", "contrastive"))
+            evaluation="classifier", options=("aux_weight",), aux_weight=0.1, views=("basic", "contrastive"),
+            temperature=0.07, base_temperature=0.07)  # CIFAR/loss.py: SupConLoss(0.07, base 0.07)
+# SimCLR and MixCo as MixCo's official simclr/ code: NT-Xent at T = 0.5, no base-temperature rescaling
+_NT_XENT = dict(temperature=0.5, base_temperature=None)
 METHODS = {m.name: m for m in (
     Method("ce", 1, False, _ce, contrastive=False, classifiers="backbone", evaluation="classifier",
            summary="cross-entropy on the backbone classifier"),
@@ -156,13 +163,14 @@ METHODS = {m.name: m for m in (
     Method("dsn", 1, True, _dsn, contrastive=False, classifiers="every_exit", evaluation="classifier",
            options=("aux_weight",), aux_weight=1.0,
            summary="DSN: 1 view, a cross-entropy classifier on every exit"),
-    Method("simclr", 2, False, **_SUPCON, labels=False, summary="SimCLR: NT-Xent between 2 views, no labels"),
+    Method("simclr", 2, False, **_SUPCON, **_NT_XENT, labels=False,
+           summary="SimCLR: NT-Xent between 2 views, no labels"),
     Method("selfcon_su", 1, True, **_SUPCON, labels=False, options=("alpha",), alpha=1.0,
            summary="SelfCon, self-supervised: 1 view, every exit, no backbone-anchor/sub-network pairs"),
     Method("selfcon_mu", 2, True, **_SUPCON, labels=False, options=("alpha",), alpha=1.0,
            summary="SelfCon-M, self-supervised: 2 views, every exit, no backbone-anchor/sub-network pairs"),
     Method("mixco", 2, False, _mixco, contrastive=True, classifiers="none", evaluation="linear", labels=False,
-           mix=True, options=("mix_temperature", "mix_weight"),
+           mix=True, **_NT_XENT, options=("mix_temperature", "mix_weight"),
            summary="MixCo on SimCLR: NT-Xent plus a soft InfoNCE of mix-ups of the batch"),
     Method("cds", **_CDS, summary="CDS: 2 views, CE on the backbone + SupCon between the views at every exit"),
     Method("cds_ssl", **_CDS, labels=False,
@@ -199,15 +207,20 @@ class Objective:
     checks its own settings here, once (the recipe turns a ValueError into its one-line error)."""
 
     method: Method
-    temperature: float = 0.1
-    base_temperature: float = 0.07
+    temperature: Optional[float] = None  # default: the method's
+    base_temperature: Optional[float] = None  # default: the method's
     label_smoothing: float = 0.0
     alpha: Optional[float] = None  # paper Eq. 7; needs a sub-network
     aux_weight: Optional[float] = None  # dsn: weight of each exit's CE; cds: lambda of each exit's contrast
     mix_temperature: Optional[float] = None  # mixco: of the mix-up term (default: loss.temperature, as official)
     mix_weight: Optional[float] = None  # mixco: of the mix-up term (default 1, as official)
+    gather: bool = True  # contrast against every process's batch (False: each process's own, as some official code)
 
     def __post_init__(self):
+        if self.temperature is None:
+            object.__setattr__(self, "temperature", self.method.temperature)
+        if self.base_temperature is None:
+            object.__setattr__(self, "base_temperature", self.method.base_temperature or self.temperature)
         for option in ("alpha", "aux_weight", "mix_temperature", "mix_weight"):
             value = getattr(self, option)
             if value is not None and option not in self.method.options:

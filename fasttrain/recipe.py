@@ -15,9 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from fasttrain.errors import RecipeError
 from fasttrain.methods import METHODS, Objective
-from fasttrain.models import ARCHS, EXIT_KINDS, EXIT_POINTS, HEADS
+from fasttrain.models import ARCHS, EXIT_KINDS, EXIT_POINTS, HEADS, STEMS
 from loaders import BACKENDS
-from loaders.spec import DataConfig
+from loaders.spec import TORCHVISION_ONLY, DataConfig
 
 
 class _Strict(BaseModel):
@@ -26,7 +26,7 @@ class _Strict(BaseModel):
 
 class ModelConfig(_Strict):
     arch: Literal[tuple(ARCHS)] = "resnet50"
-    stem: Literal["imagenet", "cifar"] = "imagenet"
+    stem: Literal[STEMS] = "imagenet"
     exits: list[Literal[EXIT_POINTS]] = ["layer2"]  # used only by methods with a sub-network
     exit_kind: Literal[EXIT_KINDS] = "fc"
     width: int = Field(64, gt=0)  # channels of the stem and layer1 (torchvision's 64); stage i has width * 2**i
@@ -39,8 +39,13 @@ class ModelConfig(_Strict):
 
 
 class LossConfig(_Strict):
-    temperature: float = Field(0.1, gt=0)
-    base_temperature: float = Field(0.07, gt=0)
+    # default: the method's, as its paper's official code (SupCon family 0.1 / 0.07; CDS 0.07 / 0.07;
+    # SimCLR and MixCo 0.5, no base-temperature rescaling)
+    temperature: Optional[float] = Field(None, gt=0)
+    base_temperature: Optional[float] = Field(None, gt=0)
+    # contrast against the batch of every process (False: each process's own batch, as the official CDS
+    # ImageNet and MixCo code do; the effective batch then depends on the number of processes)
+    gather: bool = True
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     alpha: Optional[float] = Field(None, ge=0)  # paper Eq. 7 interpolation
     aux_weight: Optional[float] = Field(None, ge=0)  # dsn: each exit's CE weight (1); cds: lambda (0.1)
@@ -66,6 +71,12 @@ class ScheduleConfig(_Strict):
     final_lr_ratio: float = Field(1e-3, ge=0, le=1)  # cosine ends at lr * final_lr_ratio
     milestones: list[int] = []  # step: the lr is multiplied by gamma at each of these epochs
     gamma: float = Field(0.1, gt=0, le=1)
+    # update: the lr changes every update; epoch: once per epoch, the warm-up still per update, and the
+    # cosine counts the warm-up's epochs (the official SupCon/SelfCon code)
+    granularity: Literal["update", "epoch"] = "update"
+    warmup_start_lr: Optional[float] = Field(None, ge=0)  # absolute lr of the warm-up's first update (default 0)
+    cosine_offset_epochs: float = Field(0, ge=0)  # epoch: epochs the cosine clock leaves out at the start
+    cosine_epochs: Optional[int] = Field(None, gt=0)  # epoch: the cosine's length (default: epochs)
 
     @model_validator(mode="after")
     def _steps(self):
@@ -73,6 +84,11 @@ class ScheduleConfig(_Strict):
             raise ValueError("schedule.kind=step needs schedule.milestones (epochs), e.g. [30, 60]")
         if self.kind == "cosine" and self.milestones:
             raise ValueError(f"schedule.milestones={self.milestones}: read only with schedule.kind=step")
+        if self.granularity == "update" and (self.cosine_offset_epochs or self.cosine_epochs):
+            raise ValueError("schedule.cosine_offset_epochs and schedule.cosine_epochs are read only with "
+                             "schedule.granularity=epoch")
+        if self.granularity == "epoch" and self.warmup_epochs != int(self.warmup_epochs):
+            raise ValueError(f"schedule.warmup_epochs={self.warmup_epochs}: whole epochs with schedule.granularity=epoch")
         if any(not 0 < m < self.epochs for m in self.milestones) or list(self.milestones) != sorted(self.milestones):
             raise ValueError(f"schedule.milestones={self.milestones}: increasing epochs within (0, "
                              f"{self.epochs})")
@@ -100,6 +116,17 @@ class LinearEvalConfig(_Strict):
     weight_decay: float = Field(0.0, ge=0)
     batch_size: int = Field(256, gt=0)  # global
     cache_features: bool = False  # encode the train split once (center crops) instead of every epoch
+    milestones: list[int] = []  # epochs where the lr is multiplied by gamma (empty: a cosine to 0)
+    gamma: float = Field(0.1, gt=0, le=1)
+    crop_scale: Optional[tuple[float, float]] = None  # the training crops' scale range (default: data.crop_scale)
+
+    @model_validator(mode="after")
+    def _steps(self):
+        if any(not 0 < m < self.epochs for m in self.milestones) or list(self.milestones) != sorted(self.milestones):
+            raise ValueError(f"linear_eval.milestones={self.milestones}: increasing epochs within (0, {self.epochs})")
+        if self.crop_scale is not None and not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+            raise ValueError(f"linear_eval.crop_scale={list(self.crop_scale)} must satisfy 0 < min <= max <= 1")
+        return self
 
 
 class ProfileConfig(_Strict):
@@ -164,6 +191,12 @@ class Recipe(_Strict):
             raise ValueError(f"train.grad_accum_steps={self.train.grad_accum_steps}: a contrastive loss needs every "
                              f"feature of the global batch in one loss (method={self.method}); use more processes "
                              f"or a smaller train.batch_size")
+        views = self.data.view_augments
+        if views is not None and len(views) != method.num_views:
+            raise ValueError(f"data.view_augments={list(views)}: method={self.method} has {method.num_views} view(s)")
+        if views and self.loader != "torchvision" and set(views) & set(TORCHVISION_ONLY):
+            raise ValueError(f"data.view_augments={list(views)}: the padded-crop views are made by loader=torchvision "
+                             f"only")
         if method.uses_subnetwork and not self.model.exits:
             raise ValueError(f"model.exits is empty but method={self.method} needs a sub-network exit")
         step_batch = self.train.batch_size % self.train.grad_accum_steps
@@ -177,7 +210,7 @@ def objective(recipe: Recipe) -> Objective:
     loss = recipe.loss
     return Objective(METHODS[recipe.method], temperature=loss.temperature, base_temperature=loss.base_temperature,
                      label_smoothing=loss.label_smoothing, alpha=loss.alpha, aux_weight=loss.aux_weight,
-                     mix_temperature=loss.mix_temperature, mix_weight=loss.mix_weight)
+                     mix_temperature=loss.mix_temperature, mix_weight=loss.mix_weight, gather=loss.gather)
 
 
 def apply_override(tree: dict, assignment: str) -> None:

@@ -145,8 +145,7 @@ def run_check(path: Check, split_paths: dict, work: Path, device_type: str) -> d
     model = training_model(recipe, method, loader.num_classes, accelerator.num_processes, accelerator.is_main_process)
     optimizer = build_optimizer(model, recipe.optim)
     model, optimizer = accelerator.prepare(model, optimizer)
-    step = TrainStep(accelerator, model, objective(recipe), optimizer, total_updates=STEPS, warmup_updates=0,
-                     final_lr_ratio=1.0)
+    step = TrainStep(accelerator, model, objective(recipe), optimizer)  # a constant lr
     memory = PeakMemory(device)
     memory.reset()
     losses = [float(step(views, labels)[0])]  # the first step also compiles

@@ -21,7 +21,10 @@ from fasttrain.errors import LoaderError  # a data problem: one line, exit statu
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-Augment = Literal["contrastive", "simclr", "basic", "center"]
+# padcrop_*: the official CDS CIFAR views (a 4-pixel padded random crop instead of a resized one), the
+# torchvision backend only
+Augment = Literal["contrastive", "simclr", "basic", "center", "padcrop_cutout", "padcrop_contrastive"]
+TORCHVISION_ONLY = ("padcrop_cutout", "padcrop_contrastive")
 # ColorJitter (brightness, contrast, saturation, hue) applied with p=0.8, then grayscale p=0.2:
 # SupCon/SelfCon's strength, and SimCLR's (which adds a Gaussian blur, see blur_kernel)
 COLOUR_STRENGTH = {"contrastive": (0.4, 0.4, 0.4, 0.1), "simclr": (0.8, 0.8, 0.8, 0.2)}
@@ -91,6 +94,9 @@ class DataConfig(_Strict):
     crop_scale: tuple[float, float] = (0.08, 1.0)
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
     augment: Literal["contrastive", "simclr", "basic"] = "contrastive"
+    # one augmentation per view, instead of the method's own (CDS: basic, contrastive) or `augment`
+    view_augments: Optional[tuple[Literal["contrastive", "simclr", "basic", "padcrop_cutout",
+                                          "padcrop_contrastive"], ...]] = None
     num_workers: int = Field(4, ge=0)
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD

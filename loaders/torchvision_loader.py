@@ -23,6 +23,13 @@ def build_transform(cfg: DataConfig, augment: str) -> T.Compose:
     tail = [T.ToTensor(), T.Normalize(cfg.mean, cfg.std)]
     if augment == "center":
         return T.Compose([T.Resize(int(round(size / cfg.val_resize_ratio))), T.CenterCrop(size), *tail])
+    if augment == "padcrop_cutout":  # the official CDS CIFAR view read by the classifier
+        return T.Compose([T.RandomCrop(size, padding=4, fill=128), T.RandomHorizontalFlip(), T.ToTensor(),
+                          Cutout(size // 2), T.Normalize(cfg.mean, cfg.std)])
+    if augment == "padcrop_contrastive":  # the official CDS CIFAR contrastive view
+        return T.Compose([T.RandomCrop(size, padding=4), T.RandomHorizontalFlip(),
+                          T.RandomApply([T.ColorJitter(*COLOUR_STRENGTH["contrastive"])], p=0.8),
+                          T.RandomGrayscale(p=0.2), *tail])
     crop = [T.RandomResizedCrop(size, scale=cfg.crop_scale, ratio=cfg.crop_ratio), T.RandomHorizontalFlip()]
     if augment == "basic":
         return T.Compose([*crop, *tail])
@@ -30,6 +37,23 @@ def build_transform(cfg: DataConfig, augment: str) -> T.Compose:
     if augment == "simclr":
         color.append(T.RandomApply([T.GaussianBlur(blur_kernel(size), BLUR_SIGMA)], p=BLUR_P))
     return T.Compose([*crop, *color, *tail])
+
+
+class Cutout:
+    """DeVries & Taylor's Cutout as the official CDS code applies it (after ToTensor, before Normalize):
+    a ``length`` square centred anywhere in the image, clipped at its borders, set to 0. Written here
+    because torchvision's RandomErasing keeps its box inside the image and draws its size."""
+
+    def __init__(self, length: int):
+        self.length = length
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        height, width = image.shape[-2:]
+        y, x = int(torch.randint(height, ())), int(torch.randint(width, ()))
+        half = self.length // 2
+        image = image.clone()
+        image[..., max(0, y - half):min(height, y + half), max(0, x - half):min(width, x + half)] = 0
+        return image
 
 
 class TolerantImageFolder(Dataset):

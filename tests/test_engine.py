@@ -53,8 +53,7 @@ def test_gradient_accumulation_steps_the_optimizer_every_k_micro_steps(tmp_path)
     model = build_model(recipe, method, 3)
     optimizer = build_optimizer(model, recipe.optim)
     model, optimizer = accelerator.prepare(model, optimizer)
-    step = TrainStep(accelerator, model, objective(recipe), optimizer, total_updates=10,
-                     warmup_updates=0, final_lr_ratio=1e-3)
+    step = TrainStep(accelerator, model, objective(recipe), optimizer)
     before = [p.detach().clone() for p in model.parameters()]
     views, labels = (torch.randn(4, 3, 16, 16),), torch.tensor([0, 0, 1, 1])
     step(views, labels)
@@ -169,3 +168,37 @@ def test_the_host_read_counter_sees_reads_and_lars_costs_one_per_update():
     # timm's LARS cannot skip an update on the device: the skip decision is one read per update
     row = _host_reads("selfcon", optim={"name": "lars"})
     assert sum(row["python_reads"].values()) == row["steps"], row["python_reads"]
+
+
+def test_the_epoch_schedule_is_the_official_supcon_selfcon_schedule():
+    """SupCon/SelfCon util.py: cosine per epoch over all epochs (1-indexed, eta_min = lr/1000), and for
+    the first warm_epochs a per-iteration warm-up from the absolute lr 0.01 to the cosine at warm_epochs."""
+    from fasttrain.engine.optim import schedule_for
+    from fasttrain.recipe import ScheduleConfig
+    lr, epochs, warm, n = 0.5, 20, 3, 4
+    cfg = ScheduleConfig(epochs=epochs, warmup_epochs=warm, final_lr_ratio=1e-3, granularity="epoch",
+                         warmup_start_lr=0.01)
+    ours = schedule_for(cfg, lr, n)
+    eta_min = lr * 0.1 ** 3
+    cosine = lambda e: eta_min + (lr - eta_min) * (1 + math.cos(math.pi * e / epochs)) / 2  # noqa: E731
+    for epoch in range(1, epochs + 1):
+        for batch in range(n):
+            official = cosine(epoch)
+            if epoch <= warm:
+                p = (batch + (epoch - 1) * n) / (warm * n)
+                official = 0.01 + p * (cosine(warm) - 0.01)
+            assert ours((epoch - 1) * n + batch) * lr == pytest.approx(official, rel=1e-12), (epoch, batch)
+
+
+def test_the_epoch_schedule_reproduces_mixcos_flat_then_truncated_cosine():
+    """MixCo simclr/pretrain.py: CosineAnnealingLR(T_max=100, eta_min=0) stepped after each epoch
+    from epoch 10 on (0-indexed): 11 epochs at the base lr, then a cosine cut off at step 89."""
+    from fasttrain.engine.optim import schedule_for
+    from fasttrain.recipe import ScheduleConfig
+    cfg = ScheduleConfig(epochs=100, warmup_epochs=11, warmup_start_lr=0.15, final_lr_ratio=0.0,
+                         granularity="epoch", cosine_offset_epochs=11, cosine_epochs=100)
+    ours = schedule_for(cfg, 0.15, 3)
+    for epoch in range(100):
+        steps = max(0, epoch - 10)
+        official = 0.15 * (1 + math.cos(math.pi * steps / 100)) / 2
+        assert ours(epoch * 3 + 1) * 0.15 == pytest.approx(official, rel=1e-12, abs=1e-15), epoch

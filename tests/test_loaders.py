@@ -128,3 +128,20 @@ def test_prefetch_depth_per_backend():
     from loaders import prefetch_batches
     cfg = DataConfig(num_workers=2)
     assert [prefetch_batches(b, cfg) for b in ("torchvision", "dali", "ffcv", "synthetic")] == [8, 2, 3, 0]
+
+
+def test_the_official_cds_cifar_views(tmp_path):
+    """padcrop_cutout: a 4-pixel padded crop (grey padding), a flip and a Cutout square set to 0 before
+    normalising; padcrop_contrastive: the padded crop with colour. Both keep the image's size."""
+    from loaders.torchvision_loader import Cutout
+    root = colour_folder(tmp_path / "c", [4])
+    cfg = DataConfig(train=root, image_size=32, num_workers=0, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    torch.manual_seed(0)
+    loader = build_loader("torchvision", cfg, LoaderRequest(split="train", batch_size=4, num_views=2,
+                                                            augment=("padcrop_cutout", "padcrop_contrastive")))
+    (cut, coloured), _ = next(iter(loader))
+    assert cut.shape == coloured.shape == (4, 3, 32, 32)
+    assert all((image == -1).all(dim=0).sum() >= 16 for image in cut)  # (0 - 0.5) / 0.5: a zeroed square
+    image = torch.ones(3, 10, 10)
+    holes = [(Cutout(4)(image) == 0).all(dim=0).sum().item() for _ in range(200)]
+    assert max(holes) == 16 and min(holes) < 16  # a 4 x 4 square, clipped where it meets a border

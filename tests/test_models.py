@@ -145,3 +145,11 @@ def test_sub_network_convolutions_get_the_backbones_init(kind):
         assert conv.weight.std().item() == pytest.approx((2 / fan_out) ** 0.5, rel=0.1)
     blocks = [m for m in model.subnetworks.modules() if isinstance(m, torchvision.models.resnet.BasicBlock)]
     assert blocks and all(torch.all(b.bn2.weight == 0) for b in blocks)  # zero_init_residual reaches them too
+
+
+def test_the_official_cds_imagenet_stem_has_no_max_pool():
+    from fasttrain.models import build_encoder
+    x = torch.randn(1, 3, 64, 64)
+    standard = build_encoder("resnet18", stem="imagenet", exits=(), width=8)
+    official = build_encoder("resnet18", stem="imagenet_no_maxpool", exits=(), width=8)
+    assert standard.layer1(standard.stem(x)).shape[-1] == 16 and official.layer1(official.stem(x)).shape[-1] == 32

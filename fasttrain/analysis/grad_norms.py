@@ -151,7 +151,7 @@ def _main(args) -> int:
     from fasttrain.engine import checkpoint
     from fasttrain.engine.trainer import build_model, train_loader
     from fasttrain.methods import Objective, get_method
-    from fasttrain.recipe import RecipeError, load_recipe
+    from fasttrain.recipe import RecipeError, load_recipe, objective
 
     if args.batches < 1:
         raise RecipeError(f"--batches={args.batches}: must be at least 1")
@@ -163,8 +163,9 @@ def _main(args) -> int:
     if args.checkpoint:
         state = checkpoint.load(Path(args.checkpoint), "--checkpoint")
         model.load_state_dict({k: v for k, v in state["model"].items() if "classifier" not in k}, strict=False)
-    objectives = {m: Objective(get_method(m), temperature=recipe.loss.temperature,
-                               base_temperature=recipe.loss.base_temperature) for m in METHODS}
+    chosen = objective(recipe)  # the recipe's temperatures, as every method of the comparison uses them
+    objectives = {m: Objective(get_method(m), temperature=chosen.temperature,
+                               base_temperature=chosen.base_temperature) for m in METHODS}
     loader = train_loader(recipe, Accelerator(cpu=True), get_method("supcon"))
     batches = [(tuple(v.cpu() for v in views), labels.cpu())
                for views, labels in tqdm(itertools.islice(loader, args.batches), total=args.batches, desc="batches")]

@@ -37,10 +37,12 @@ def _batch(recipe: Recipe, accelerator: Accelerator) -> int:
     return max(1, recipe.linear_eval.batch_size // accelerator.num_processes)
 
 
-def eval_loader(recipe: Recipe, accelerator: Accelerator, split: str, augment: str, subset: Optional[int] = None):
+def eval_loader(recipe: Recipe, accelerator: Accelerator, split: str, augment: str, subset: Optional[int] = None,
+                crop_scale: Optional[tuple[float, float]] = None):
     """A one-view loader for evaluating a frozen encoder (linear evaluation, k-NN)."""
     batch = _batch(recipe, accelerator)
-    return build_loader(recipe.loader, recipe.data, LoaderRequest(
+    data = recipe.data if crop_scale is None else recipe.data.model_copy(update={"crop_scale": crop_scale})
+    return build_loader(recipe.loader, data, LoaderRequest(
         split=split, batch_size=batch, augment=augment, num_views=1, device=accelerator.device,
         rank=accelerator.process_index, world_size=accelerator.num_processes, seed=recipe.train.seed + 1,
         channels_last=recipe.train.channels_last, subset=subset))
@@ -119,7 +121,8 @@ def classifier_eval(recipe: Recipe, accelerator: Accelerator, model: MultiExitRe
 def linear_eval(recipe: Recipe, accelerator: Accelerator, encoder: MultiExitResNet) -> dict:
     cfg = recipe.linear_eval
     encoder.eval().requires_grad_(False)
-    train = eval_loader(recipe, accelerator, "train", "center" if cfg.cache_features else "basic")
+    train = eval_loader(recipe, accelerator, "train", "center" if cfg.cache_features else "basic",
+                        crop_scale=cfg.crop_scale)
     classifiers = ExitClassifiers(encoder.num_exits, encoder.feature_dim, train.num_classes).to(accelerator.device)
     optimizer = torch.optim.SGD(classifiers.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay)
@@ -138,7 +141,7 @@ def linear_eval(recipe: Recipe, accelerator: Accelerator, encoder: MultiExitResN
         bar = tqdm(batches, total=per_epoch, desc=f"linear eval {epoch + 1}/{cfg.epochs}",
                    disable=not accelerator.is_main_process, dynamic_ncols=True)
         for features, labels in bar:
-            set_lr(optimizer, 0.5 * (1 + math.cos(math.pi * update / total)))
+            set_lr(optimizer, _factor(cfg, update, total, per_epoch))
             loss = sum(F.cross_entropy(logits, labels) for logits in classifiers(features))
             optimizer.zero_grad(set_to_none=True)
             accelerator.backward(loss)
@@ -169,6 +172,13 @@ def _eager(accelerator: Accelerator):
         yield
     finally:
         plugin.backend = backend
+
+
+def _factor(cfg, update: int, total: int, per_epoch: int) -> float:
+    """The linear classifiers' lr factor: ``gamma`` per milestone passed, or a cosine to 0."""
+    if cfg.milestones:
+        return cfg.gamma ** sum(update >= m * per_epoch for m in cfg.milestones)
+    return 0.5 * (1 + math.cos(math.pi * update / total))
 
 
 def encode_split(loader, encoder, accelerator, desc: str = "encoding train split"):

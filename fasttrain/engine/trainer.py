@@ -10,7 +10,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from accelerate import Accelerator
@@ -22,7 +22,7 @@ from fasttrain.engine.faults import Stopped, deferred_stops, pending_stop, write
 from fasttrain.engine.knn import KNNMonitor
 from fasttrain.engine.linear_eval import check_evaluation
 from fasttrain.engine.metrics import MetricsFile, PeakMemory, Throughput
-from fasttrain.engine.optim import build_optimizer, lr_factor, set_lr
+from fasttrain.engine.optim import build_optimizer, schedule_for, set_lr
 from fasttrain.engine.profiling import StepProfiler, mark, parts_table, timed
 from fasttrain.methods import Method, Objective, get_method
 from fasttrain.models import MultiExitResNet, build_encoder
@@ -103,10 +103,15 @@ def build_model(recipe: Recipe, method: Method, num_classes: int) -> MultiExitRe
                          projection=method.contrastive)
 
 
+def view_augments(recipe: Recipe, method: Method):
+    """Each view's augmentation: data.view_augments, else the method's own, else data.augment for every view."""
+    return recipe.data.view_augments or method.views or recipe.data.augment
+
+
 def train_loader(recipe: Recipe, accelerator: Accelerator, method: Method):
     """The training split as the method needs it: its views, each with its augmentation."""
     return build_loader(recipe.loader, recipe.data, LoaderRequest(
-        split="train", batch_size=per_process_batch(recipe, accelerator), augment=method.views or recipe.data.augment,
+        split="train", batch_size=per_process_batch(recipe, accelerator), augment=view_augments(recipe, method),
         num_views=method.num_views, device=accelerator.device, rank=accelerator.process_index,
         world_size=accelerator.num_processes, seed=recipe.train.seed, channels_last=recipe.train.channels_last))
 
@@ -133,12 +138,12 @@ class TrainStep:
     device tensors that the trainer reads when it logs. An optimizer without ``found_inf`` support
     (timm's LARS) costs one host read per update instead."""
 
-    def __init__(self, accelerator: Accelerator, model, objective: Objective, optimizer, total_updates: int,
-                 warmup_updates: int, final_lr_ratio: float, updates: int = 0, clip_grad_norm: Optional[float] = None,
-                 milestones: Sequence[int] = (), gamma: float = 0.1):
+    def __init__(self, accelerator: Accelerator, model, objective: Objective, optimizer,
+                 schedule: Callable[[int], float] = lambda update: 1.0, updates: int = 0,
+                 clip_grad_norm: Optional[float] = None):
+        """``schedule``: the lr factor of each update (``optim.schedule_for``); constant by default."""
         self.accelerator, self.model, self.objective, self.optimizer = accelerator, model, objective, optimizer
-        self.schedule = functools.partial(lr_factor, total_updates=total_updates, warmup_updates=warmup_updates,
-                                          final_ratio=final_lr_ratio, milestones=milestones, gamma=gamma)
+        self.schedule = schedule
         self.clip_grad_norm = clip_grad_norm
         self.updates = updates  # optimizer updates attempted (skipped ones too); the lr is derived from it
         self.lr = set_lr(optimizer, self.schedule(updates))
@@ -258,12 +263,9 @@ def train(recipe: Recipe, accelerator: Accelerator) -> TrainResult:
     num_exits = model.num_exits
     model, optimizer = accelerator.prepare(model, optimizer)
     loss_fn = objective(recipe)
-    step = TrainStep(accelerator, model, loss_fn, optimizer,
-                     total_updates=updates_per_epoch * recipe.schedule.epochs,
-                     warmup_updates=round(recipe.schedule.warmup_epochs * updates_per_epoch),
-                     final_lr_ratio=recipe.schedule.final_lr_ratio, updates=updates,
-                     clip_grad_norm=recipe.optim.clip_grad_norm, gamma=recipe.schedule.gamma,
-                     milestones=[round(m * updates_per_epoch) for m in recipe.schedule.milestones])
+    step = TrainStep(accelerator, model, loss_fn, optimizer, schedule_for(recipe.schedule, recipe.optim.lr,
+                                                                          updates_per_epoch),
+                     updates=updates, clip_grad_norm=recipe.optim.clip_grad_norm)
 
     _start_trackers(recipe, accelerator)
     metrics = MetricsFile(run_dir, main, resume_step=updates if updates else None)

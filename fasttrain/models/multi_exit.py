@@ -23,7 +23,9 @@ ARCHS = {  # name -> (block, blocks per stage)
 STAGES = ("layer1", "layer2", "layer3", "layer4")
 EXIT_POINTS = STAGES[:3]
 EXIT_KINDS = ("fc", "small", "same", "sepconv")
-STEMS = ("imagenet", "cifar")
+# imagenet_no_maxpool: the official CDS ImageNet ResNet, which defines its max-pool but never calls it
+# (every stage at twice the resolution, about 4x the FLOPs)
+STEMS = ("imagenet", "cifar", "imagenet_no_maxpool")
 HEADS = ("mlp", "mlp_bn", "linear", "none")
 
 
@@ -156,7 +158,7 @@ class MultiExitResNet(nn.Module):
         # the small-image stem is a 3x3 stride-1 conv without max-pool (as the official code)
         conv1 = nn.Conv2d(3, width, kernel_size=3, stride=1, padding=1, bias=False) if stem == "cifar" \
             else nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
-        maxpool = nn.Identity() if stem == "cifar" else nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1) if stem == "imagenet" else nn.Identity()
         self.stem = nn.Sequential(conv1, nn.BatchNorm2d(width), nn.ReLU(inplace=True), maxpool)
         inplanes = width
         for index, name in enumerate(STAGES):
