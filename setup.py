@@ -23,7 +23,7 @@ setup(
     extras_require={
         "ffcv": ["ffcv==1.0.2", "numba", "opencv-python-headless"],
         "dali": ["nvidia-dali-cuda130"],  # the CUDA 13 build, as torch 2.14.1's (CUDA-12 DALI needs CUDA-12 NPP/cuFFT)
-        "dev": ["pytest>=8", "pytest-xdist>=3", "scikit-learn"],  # pytest -n 2: two tests at once, one thread each
+        "dev": ["pytest>=8", "pytest-xdist>=3", "scikit-learn", "ruff>=0.6"],  # pytest -n 2: two tests at once, one thread each
         "wandb": ["wandb"],  # run.trackers: [wandb]
         "analysis": ["torchcam>=0.5", "scikit-learn"],  # fasttrain.analysis.pictures: Grad-CAM, t-SNE
     },

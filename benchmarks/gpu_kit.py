@@ -93,7 +93,8 @@ def plan(args, sizes: Sizes, photos: Path, demo_data: Path) -> list[Part]:
                                       *(["--quick"] if args.dry_run else ["--compile-precisions", "none"]))]),
         Part("step_cost", 300, [step_cost + ["--methods", ",".join(sizes.methods), "--out", out / "step_cost"]]),
         Part("throughput", 240, [
-            throughput + ["--method", "selfcon", "--backends", "synthetic,torchvision", "--out", out / "train_throughput_selfcon"],
+            throughput + ["--method", "selfcon", "--backends", "synthetic,torchvision",
+                          "--out", out / "train_throughput_selfcon"],
             # ce is scored by its classifier on data.val, which this benchmark does not pass: synthetic only
             throughput + ["--method", "ce", "--backends", "synthetic", "--out", out / "train_throughput_ce"],
             bare + ["--out", out / "bare_loop" / "eager.json"]]),
@@ -142,7 +143,8 @@ def run_part(part: Part, deadline: float, logs: Path) -> None:
                 part.status = f"timed out after {timeout:.0f} s"
                 break
             if proc.returncode:
-                part.status = f"failed: exit status {proc.returncode} ({Path(command[2 if command[1] == '-m' else 1]).name})"
+                part.status = (f"failed: exit status {proc.returncode} "
+                               f"({Path(command[2 if command[1] == '-m' else 1]).name})")
     part.seconds = time.monotonic() - started
     print(f"[gpu_kit] {part.name:<19} {part.status} [{part.seconds:.0f} s]", flush=True)
 
@@ -247,7 +249,8 @@ def main(argv=None) -> int:
     work = args.out / "data"  # made here, removed at the end: nothing to carry to a bare machine
     classes, per_class, val = sizes.photos
     photos = make_folder(work / "photos", classes, per_class, sizes.photo_size, val_per_class=val)
-    demo = make_folder(work / "demo", 10, 100 if not args.dry_run else 8, (32, 32), val_per_class=50 if not args.dry_run else 4)
+    demo = make_folder(work / "demo", 10, 100 if not args.dry_run else 8, (32, 32),
+                       val_per_class=50 if not args.dry_run else 4)
     parts = plan(args, sizes, photos, demo)
     if args.parts:
         wanted = {p.strip() for p in args.parts.split(",")}

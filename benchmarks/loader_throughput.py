@@ -210,8 +210,9 @@ def main(argv=None) -> int:
             "--images", (args.warmup + args.batches) * args.batch_size], timeout=args.timeout)
         for v in args.views:
             rate = ceiling_rate(ceiling, v)
-            print(f"[loaders] ceiling     {v} view(s): " + (f"{rate:8.1f} images/s ({ceiling['ceiling'][str(v)]['method']})"
-                                                             if rate else f"unavailable ({ceiling.get('error')})"), flush=True)
+            print(f"[loaders] ceiling     {v} view(s): "
+                  + (f"{rate:8.1f} images/s ({ceiling['ceiling'][str(v)]['method']})"
+                     if rate else f"unavailable ({ceiling.get('error')})"), flush=True)
     rows = []
     for backend in args.backends:
         source, conversion, reason = backend_source(backend, args.data, args.beton_dir)

@@ -1,12 +1,14 @@
-"""How the contrastive loss grows with the global batch: time and peak memory of ``supcon_loss``
+r"""How the contrastive loss grows with the global batch: time and peak memory of ``supcon_loss``
 (forward + backward) per process, against global batch, columns (views x exits) and processes.
 
     python -m benchmarks.loss_scaling --batches 256,512,1024,2048,4096,8192 --views 2,4 --processes 1,2
-    python -m benchmarks.loss_scaling ... --label after --compare benchmarks/results/loss_scaling_before/loss_scaling.json
+    python -m benchmarks.loss_scaling ... --label after \
+        --compare benchmarks/results/loss_scaling_before/loss_scaling.json
 
 Every configuration runs in a fresh worker (several processes: a gloo group on CPU, NCCL on GPUs;
 on CPU each process gets ``--threads`` threads, 1 by default, so that a process stands for one device
-and 1 and 2 processes compare at equal compute per process), on random L2-normalised features ``[B_global / world, V, 128]`` per process and 100 classes. Time is
+and 1 and 2 processes compare at equal compute per process), on random L2-normalised features
+``[B_global / world, V, 128]`` per process and 100 classes. Time is
 the median of the timed repeats, the slowest process (barriers around each repeat; CUDA events on a
 GPU); memory is each process's peak above what it held before the first call (resident set on CPU,
 ``max_memory_allocated`` on a GPU), the largest over processes, next to the size of one logits matrix

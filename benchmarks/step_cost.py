@@ -153,7 +153,8 @@ def measure(args, method_name: str) -> dict:
         "arch": args.arch, "batch_size": args.batch_size, "precision": args.precision,
         "image_size": args.image_size, "channels_last": args.channels_last, "compile": args.compile,
         "exits": list(recipe.model.exits) if method.uses_subnetwork else [],
-        "exit_kind": recipe.model.exit_kind if method.uses_subnetwork else None, "parameters": params, "warmup_steps": args.warmup,
+        "exit_kind": recipe.model.exit_kind if method.uses_subnetwork else None, "parameters": params,
+        "warmup_steps": args.warmup,
         "timed_steps": args.steps, "warmup_loss": loss, "step_times_s": times,
         # CPU only: process CPU time per step (all threads) and the machine's 1-minute load average
         # before and after, to tell a slow method from a busy machine
@@ -218,7 +219,8 @@ def table(rows: list[dict], args) -> str:
     kind = ok[0]["memory_kind"] if ok else "?"
     device = ok[0]["device"] if ok else "?"
     cpu = any(r.get("cpu_time_ratio_to_selfcon") for r in ok)
-    header = ["Method", "Single-View", "Sub-Net.", "Forward imgs/img", "Mem. (ours)", "Time (ours)", "Mem. (paper)", "Time (paper)"]
+    header = ["Method", "Single-View", "Sub-Net.", "Forward imgs/img", "Mem. (ours)", "Time (ours)", "Mem. (paper)",
+              "Time (paper)"]
     header += ["Time (ours, CPU s)"] if cpu else []
     header += ["step time, median (IQR) [s]", "images/s", "peak memory [MiB]"]
     body = []
@@ -228,7 +230,8 @@ def table(rows: list[dict], args) -> str:
             body.append([name, None, None, None, "failed: " + r["error"][:80]] + [None] * (len(header) - 5))
             continue
         body.append([name, "✓" if r["num_views"] == 1 else "", "✓" if r["uses_subnetwork"] else "",
-                     f"{r.get('forward_images_per_image', r['num_views']):g}", _x(r["memory_ratio_to_selfcon"]), _x(r["time_ratio_to_selfcon"]),
+                     f"{r.get('forward_images_per_image', r['num_views']):g}", _x(r["memory_ratio_to_selfcon"]),
+                     _x(r["time_ratio_to_selfcon"]),
                      _px(r["paper_memory_ratio"]), _px(r["paper_time_ratio"])]
                     + ([_x(r.get("cpu_time_ratio_to_selfcon"))] if cpu else [])
                     + [f"{r['step_time_median_s']:.3f} ({r['step_time_iqr_s']:.3f})",
@@ -313,7 +316,8 @@ def main(argv=None) -> int:
     if any("error" not in r for r in rows):
         chart(rows, args, args.out / "step_cost.png")
     print(text)
-    print(f"[step_cost] wrote {shown(args.out)}/step_cost.{{json,md,png}}" + (" and step_cost_parts.png" if profiled else ""))
+    print(f"[step_cost] wrote {shown(args.out)}/step_cost.{{json,md,png}}"
+          + (" and step_cost_parts.png" if profiled else ""))
     return 1 if any("error" in r for r in rows) else 0
 
 

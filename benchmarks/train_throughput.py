@@ -30,7 +30,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (backend_source, bar_chart, markdown_table, parts_chart, recipe_for,  # noqa: E402
-                               shown, worker_row, write_json, write_report)
+                               worker_row, write_json, write_report)
 from fasttrain.engine.profiling import TRACE_NAME, parts_table  # noqa: E402
 
 BACKENDS = ("synthetic", "torchvision", "dali", "ffcv")
@@ -125,7 +125,8 @@ def measure(args) -> dict:
             # the epoch-end k-NN is evaluation, not training throughput
             "monitor": {"knn_every": 0, "throughput_skip_steps": skip,
                         **({"profile": {"skip": skip, "steps": args.profile_steps,
-                                        "dir": str(args.out / f"profile_{args.backend}")}} if args.profile_run else {})},
+                                        "dir": str(args.out / f"profile_{args.backend}")}}
+                           if args.profile_run else {})},
             "run": {"dir": run_dir, "resume": "never"},
         })
         accelerator = make_accelerator(recipe, log_with=())

@@ -56,7 +56,6 @@ def load_line(arch: str, stem: str, num_classes: int | None, path: Path) -> str:
 
 
 def export(checkpoint_path: Path, out: Path, exits: bool = False) -> dict:
-    import torch
 
     from fasttrain.engine import checkpoint
 

@@ -103,10 +103,10 @@ def _dsn(obj: "Objective", out: EncoderOutput, labels, layout: Layout, detail: b
     loss = per_exit[-1] + obj.aux_weight * sum(per_exit[:-1])
     if not detail:
         return loss, {"loss": loss.detach()}
-    logs = {f"loss/ce/{n}": l.detach() for n, l in zip(names, per_exit)}
+    logs = {f"loss/ce/{n}": exit_loss.detach() for n, exit_loss in zip(names, per_exit)}
     logs["train_top1"] = (out.logits.detach().argmax(1) == labels).float().mean()
     return loss, {"loss": loss.detach(), **logs,
-                  **{f"spread/{n}": spread(l) for n, l in zip(names, (*out.sub_logits, out.logits))}}
+                  **{f"spread/{n}": spread(logits) for n, logits in zip(names, (*out.sub_logits, out.logits))}}
 
 
 def _cds(obj: "Objective", out: EncoderOutput, labels, layout: Layout, detail: bool):

@@ -88,7 +88,8 @@ class ScheduleConfig(_Strict):
             raise ValueError("schedule.cosine_offset_epochs and schedule.cosine_epochs are read only with "
                              "schedule.granularity=epoch")
         if self.granularity == "epoch" and self.warmup_epochs != int(self.warmup_epochs):
-            raise ValueError(f"schedule.warmup_epochs={self.warmup_epochs}: whole epochs with schedule.granularity=epoch")
+            raise ValueError(f"schedule.warmup_epochs={self.warmup_epochs}: whole epochs with "
+                             "schedule.granularity=epoch")
         if any(not 0 < m < self.epochs for m in self.milestones) or list(self.milestones) != sorted(self.milestones):
             raise ValueError(f"schedule.milestones={self.milestones}: increasing epochs within (0, "
                              f"{self.epochs})")

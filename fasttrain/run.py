@@ -252,7 +252,8 @@ def prepare_run_dir(run_dir: Path, sweep: bool = True) -> None:
 
 
 def format_table(results: dict) -> str:
-    what = "random initialisation" if results.get("random_init") else f"{results['epochs']} epochs, {results['steps']} steps"
+    what = ("random initialisation" if results.get("random_init")
+            else f"{results['epochs']} epochs, {results['steps']} steps")
     lines = [f"{results['method']} / {results['arch']}: {what}"]
     if results["images_per_second"] is not None:
         lines[0] += (f", {results['images_per_second']:.1f} img/s, peak memory "

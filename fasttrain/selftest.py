@@ -8,7 +8,8 @@ installed loader backend x each precision the device supports x compile off/on, 
 Each path is checked for: views as the loader contract says (count, dtype, channels_last, device),
 a finite loss that falls over repeated steps on one fixed batch, a finite linear-evaluation step, the
 peak memory, and, across backends, the same labels for the same validation files. On a GPU this
-exercises DALI's `mixed` decoder, FFCV's ToDevice, fp16 with loss scaling, `max_memory_allocated`, torch.compile on CUDA and NCCL gathers; without one they are reported as
+exercises DALI's `mixed` decoder, FFCV's ToDevice, fp16 with loss scaling, `max_memory_allocated`,
+torch.compile on CUDA and NCCL gathers; without one they are reported as
 skipped, with the reason. Exit status 1 if any path the device should run failed.
 """
 from __future__ import annotations
@@ -29,7 +30,8 @@ if __package__ in (None, ""):
 
 BACKENDS = ("torchvision", "dali", "ffcv")
 METHODS = ("selfcon", "supcon")
-GPU_ONLY = ("dali mixed (nvJPEG) decoding", "dali CPU decoding feeding the GPU (data.dali.device: cpu)", "ffcv ToDevice", "fp16 with loss scaling",
+GPU_ONLY = ("dali mixed (nvJPEG) decoding", "dali CPU decoding feeding the GPU (data.dali.device: cpu)",
+            "ffcv ToDevice", "fp16 with loss scaling",
             "torch.cuda.max_memory_allocated", "torch.cuda.mem_get_info (whole-device memory)",
             "torch.compile on CUDA", "NCCL gather across processes")
 STEPS, BATCH, SIZE = 8, 8, 32
@@ -122,7 +124,8 @@ def run_check(path: Check, split_paths: dict, work: Path, device_type: str) -> d
         "model": {"arch": "resnet18", "stem": "cifar", "proj_dim": 32},
         "data": {**{k: str(v) for k, v in split_paths.items()}, "image_size": SIZE, "val_resize_ratio": 1.0,
                  "num_workers": 1 if path.backend != "torchvision" else 0, "dali": {"device": path.dali_device}},
-        "optim": {"lr": 0.01, "clip_grad_norm": 1.0}, "schedule": {"epochs": 1, "warmup_epochs": 0, "final_lr_ratio": 1.0},
+        "optim": {"lr": 0.01, "clip_grad_norm": 1.0},
+        "schedule": {"epochs": 1, "warmup_epochs": 0, "final_lr_ratio": 1.0},
         "train": {"batch_size": BATCH, "precision": path.precision, "compile": path.compile},
         "run": {"dir": str(work / "run"), "resume": "never", "trackers": []}})
     accelerator = make_accelerator(recipe, log_with=())
@@ -137,7 +140,8 @@ def run_check(path: Check, split_paths: dict, work: Path, device_type: str) -> d
         (f"views on {views[0].device}, expected {device}", views[0].device.type == device.type),
         (f"views of dtype {views[0].dtype}", views[0].dtype == torch.float32),
         ("views not channels_last", all(v.is_contiguous(memory_format=torch.channels_last) for v in views)),
-        (f"labels {labels.dtype} on {labels.device}", labels.dtype == torch.int64 and labels.device.type == device.type),
+        (f"labels {labels.dtype} on {labels.device}",
+         labels.dtype == torch.int64 and labels.device.type == device.type),
     ) if not ok]
     if problems:
         raise AssertionError("loader contract: " + "; ".join(problems))

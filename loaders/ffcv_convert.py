@@ -8,8 +8,9 @@ every backend agrees on labels). Unreadable images are found before writing (eve
 JPEGs at 1/8 scale, which still reads the whole entropy-coded stream), skipped and named in one
 warning. The file is written under ``.OUT.tmp-<pid>`` and renamed at the end (after ``--verify``), so
 an interrupted (Ctrl-C, SIGTERM) or failed conversion never leaves a file under the final name, and
-removes its temp file and shared memory; temp files of killed conversions are swept on the next start. ``--subset K`` keeps
-the first K files in ImageFolder order (as ffcv-imagenet does), before unreadable ones are dropped.
+removes its temp file and shared memory; temp files of killed conversions are swept on the next start.
+``--subset K`` keeps the first K files in ImageFolder order (as ffcv-imagenet does), before unreadable
+ones are dropped.
 """
 from __future__ import annotations
 

@@ -57,8 +57,9 @@ from ffcv.transforms import NormalizeImage, RandomHorizontalFlip, ToDevice, ToTe
 
 torch.set_num_threads(_TORCH_THREADS)
 
-from loaders import FFCV_BATCHES_AHEAD, shard, subset_indices
-from loaders.spec import (COLOUR_STRENGTH, DataConfig, LoaderError, LoaderRequest, output_dtype, require_path,
+# first-party imports after the third-party ffcv ones, which must follow the thread count's capture above
+from loaders import FFCV_BATCHES_AHEAD, shard, subset_indices  # noqa: E402
+from loaders.spec import (COLOUR_STRENGTH, DataConfig, LoaderError, LoaderRequest, output_dtype, require_path,  # noqa: E402
                           to_device)
 
 log = logging.getLogger(__name__)

@@ -134,7 +134,8 @@ class TorchvisionLoader:
             generator=self.generator,
             # evaluation reads (k-NN every epoch, a linear evaluation's cached features) start their workers
             # per pass: none sit idle between passes
-            persistent_workers=cfg.num_workers > 0 and req.training, prefetch_factor=TORCHVISION_PREFETCH_FACTOR if cfg.num_workers > 0 else None)
+            persistent_workers=cfg.num_workers > 0 and req.training,
+            prefetch_factor=TORCHVISION_PREFETCH_FACTOR if cfg.num_workers > 0 else None)
         self.num_samples = len(self.loader) * req.batch_size if req.training else len(source)
 
     def __len__(self) -> int:

@@ -24,8 +24,8 @@ def _outputs(folder: Path, stem: str) -> dict:
 def test_step_cost_tiny(tmp_path, capsys):
     out = tmp_path / "step_cost"
     rc = step_cost.main(["--arch", "resnet18", "--batch-size", "4", "--image-size", "32", "--warmup", "1",
-                         "--steps", "2", "--methods", "ce,supcon,selfcon,cds,mixco", "--threads", "1", "--out", str(out),
-                         "--profile", "--profile-steps", "1"])
+                         "--steps", "2", "--methods", "ce,supcon,selfcon,cds,mixco", "--threads", "1",
+                         "--out", str(out), "--profile", "--profile-steps", "1"])
     assert rc == 0
     data = _outputs(out, "step_cost")
     assert [r["method"] for r in data["methods"]] == ["ce", "supcon", "selfcon", "cds", "mixco"]

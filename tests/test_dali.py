@@ -26,8 +26,9 @@ def test_labels_and_pixels_match_torchvision(tmp_path):
     tv, ours = build_loader("torchvision", cfg, req), build_loader("dali", cfg, req)
     assert ours.num_classes == tv.num_classes == 4 and ours.classes == tv.classes
     tv_batches, our_batches = list(tv), list(ours)
-    assert [len(l) for _, l in our_batches] == [5, 5, 2] and len(ours) == 3
-    assert torch.equal(torch.cat([l for _, l in our_batches]), torch.cat([l for _, l in tv_batches]))
+    assert [len(labels) for _, labels in our_batches] == [5, 5, 2] and len(ours) == 3
+    assert torch.equal(torch.cat([labels for _, labels in our_batches]),
+                       torch.cat([labels for _, labels in tv_batches]))
     # same images in the same order: per-image channel means agree (resize kernels differ a little)
     ours_mean = torch.cat([v[0] for v, _ in our_batches]).mean(dim=(2, 3))
     tv_mean = torch.cat([v[0] for v, _ in tv_batches]).mean(dim=(2, 3))
@@ -84,7 +85,7 @@ def test_two_views_differ_and_colour_augmentation_applies(tmp_path, decode):
 def test_training_shards_cover_the_set_without_overlap(tmp_path):
     root = colour_folder(tmp_path / "img", [10, 14])
     loaders = [dali(root, "train", "basic", batch_size=4, rank=r, world_size=2, seed=3) for r in (0, 1)]
-    assert [len(l) for l in loaders] == [3, 3] and [l.num_samples for l in loaders] == [12, 12]
+    assert [len(loader) for loader in loaders] == [3, 3] and [loader.num_samples for loader in loaders] == [12, 12]
     orders = []
     for epoch in range(2):
         seen = []
@@ -105,7 +106,7 @@ def test_training_uneven_set_gives_equal_steps_and_clean_epochs(tmp_path, batch_
     steps = 6 // batch_size
     for _ in range(3):
         seen = [[i for (v,), _ in loader for i in identities(v)] for loader in loaders]
-        assert [len(s) for s in seen] == [steps * batch_size] * 2 and [len(l) for l in loaders] == [steps] * 2
+        assert [len(s) for s in seen] == [steps * batch_size] * 2 and [len(loader) for loader in loaders] == [steps] * 2
         assert len(set(seen[0] + seen[1])) == 2 * steps * batch_size
 
 
@@ -113,11 +114,11 @@ def test_training_uneven_set_gives_equal_steps_and_clean_epochs(tmp_path, batch_
 def test_evaluation_counts_every_sample_once(tmp_path, world_size):
     root = colour_folder(tmp_path / "img", [6, 7])  # 13 images, batch 4: not divisible by 4 * world
     loaders = [dali(root, batch_size=4, rank=r, world_size=world_size) for r in range(world_size)]
-    assert sum(l.num_samples for l in loaders) == 13
+    assert sum(loader.num_samples for loader in loaders) == 13
     for _ in range(2):  # a second epoch starts clean, too
         seen = []
         for loader in loaders:
-            rows = [(identities(v), l.tolist()) for (v,), l in loader]
+            rows = [(identities(v), labels.tolist()) for (v,), labels in loader]
             assert sum(len(ids) for ids, _ in rows) == loader.num_samples and len(rows) == len(loader)
             seen += [pair for ids, labels in rows for pair in zip(ids, labels)]
         assert sorted(seen) == [(i, int(i >= 6)) for i in range(13)]  # each image once, its own label
@@ -132,8 +133,8 @@ def test_corrupt_jpeg_is_skipped_and_reported(tmp_path, caplog):
     assert val.skipped == train.skipped == {broken}
     assert sum(broken in r.getMessage() for r in caplog.records) == 2  # one warning per loader
     assert val.num_samples == 6 and train.num_samples == 6
-    assert sorted(t for _, l in val for t in l.tolist()) == [0, 0, 0, 1, 1, 1]
-    assert sum(len(l) for _, l in train) == 6
+    assert sorted(t for _, labels in val for t in labels.tolist()) == [0, 0, 0, 1, 1, 1]
+    assert sum(len(labels) for _, labels in train) == 6
 
 
 def test_too_few_images_is_a_clear_error(tmp_path):

@@ -50,7 +50,7 @@ def test_dsn_is_backbone_ce_plus_weighted_ce_of_every_exit():
     encoder, views, labels, loss, logs = forward("dsn", aux_weight=0.5)
     out = encoder(views[0], project=False)
     assert len(out.sub_logits) == 3
-    exits = [F.cross_entropy(l, labels) for l in out.sub_logits]
+    exits = [F.cross_entropy(logits, labels) for logits in out.sub_logits]
     expected = F.cross_entropy(out.logits, labels) + 0.5 * sum(exits)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     assert logs["loss/ce/sub2"].item() == pytest.approx(exits[2].item(), rel=1e-5)

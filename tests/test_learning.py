@@ -31,7 +31,8 @@ from conftest import REPO
 
 TRAIN_PER_CLASS, VAL_PER_CLASS = 300, 300
 MARGIN = 2.0  # k-NN top-1 points above the floor
-SETTINGS = ["data.image_size=16", "model.width=16", "train.batch_size=64", "schedule.epochs=4", "schedule.warmup_epochs=0.5",
+SETTINGS = ["data.image_size=16", "model.width=16", "train.batch_size=64", "schedule.epochs=4",
+            "schedule.warmup_epochs=0.5",
             "linear_eval.enabled=false", "monitor.knn_bank=null", "monitor.knn_val=null", "run.resume=never",
             "monitor.knn_every=4"]
 

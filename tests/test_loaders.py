@@ -35,7 +35,8 @@ def sources(tmp_path_factory):
 
 def read(backend, source, split, subset, rank=0, world_size=1):
     pytest.importorskip({"dali": "nvidia.dali", "ffcv": "ffcv"}.get(backend, "torch"))
-    cfg = DataConfig(train=source, val=source, image_size=16, val_resize_ratio=1.0, num_workers=1 if backend != "torchvision" else 0)
+    cfg = DataConfig(train=source, val=source, image_size=16, val_resize_ratio=1.0,
+                     num_workers=1 if backend != "torchvision" else 0)
     loader = build_loader(backend, cfg, LoaderRequest(split=split, batch_size=3, augment="center", subset=subset,
                                                       rank=rank, world_size=world_size, seed=5))
     return [i for views, _ in loader for i in identities(views[0])], loader.num_samples

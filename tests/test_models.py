@@ -21,7 +21,8 @@ def test_backbone_loads_torchvisions_weights_and_computes_its_features():
     reference = torchvision.models.resnet18().eval()
     model = build_encoder("resnet18", exits=[]).eval()
     renamed = {"stem.0.weight": "conv1.weight", **{f"stem.1.{k}": f"bn1.{k}" for k in
-                                                   ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")}}
+                                                   ("weight", "bias", "running_mean", "running_var",
+                                                    "num_batches_tracked")}}
     state = {name: reference.state_dict()[renamed.get(name, name)] for name in model.state_dict()
              if not name.startswith("heads.")}
     model.load_state_dict(state, strict=False)

@@ -172,14 +172,14 @@ def test_resume_auto_continues_the_interrupted_run(tmp_path, data):
     launch("fasttrain/run.py", recipe, accelerate=False)
     results = read_results(tmp_path)
     assert results["epochs"] == 4 and results["steps"] == reference[-1]["step"] == 12
-    rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     resumed = {r["step"]: r for r in rows if r["kind"] == "train"}
     for row in reference:  # the same lr at the same step: the schedule continued, no epoch lost
         assert resumed[row["step"]]["lr"] == pytest.approx(row["lr"])
     assert sorted(resumed) == list(range(1, 13))
     # stopped right after the last epoch's checkpoint, before its k-NN: the resumed run scores that epoch
-    kept = [l for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"epoch": 4' not in l
-            or '"kind": "knn"' not in l]
+    kept = [line for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"epoch": 4' not in line
+            or '"kind": "knn"' not in line]
     (tmp_path / "run" / "metrics.jsonl").write_text("\n".join(kept) + "\n")
     launch("fasttrain/run.py", recipe, accelerate=False)
     assert [r["epoch"] for r in read_results(tmp_path)["knn"]] == [1, 2, 3, 4]
@@ -225,7 +225,7 @@ def test_a_broken_checkpoint_is_one_line_naming_flag_and_file(tmp_path, data, co
     args = ["--eval-only", broken] if flag == "--eval-only" else [f"run.resume={broken}"]
     proc = launch("fasttrain/run.py", recipe, *args, accelerate=False, check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    line = [l for l in proc.stderr.splitlines() if l.startswith("fasttrain: error:")]
+    line = [text for text in proc.stderr.splitlines() if text.startswith("fasttrain: error:")]
     assert len(line) == 1 and flag in line[0] and str(broken) in line[0], proc.stderr
     assert ("not a fasttrain checkpoint" if content is None else "not a readable checkpoint") in line[0]
 
@@ -357,7 +357,7 @@ def test_a_collapse_stop_exits_3_in_one_line_keeping_the_last_checkpoint(tmp_pat
                                    "knn_every": 0})
     proc = launch("fasttrain/run.py", recipe, accelerate=False, check=False)
     assert proc.returncode == 3 and "Traceback" not in proc.stderr
-    line = [l for l in proc.stderr.splitlines() if l.startswith("fasttrain:")]
+    line = [text for text in proc.stderr.splitlines() if text.startswith("fasttrain:")]
     assert len(line) == 1 and "collapse at step 5 (since step 1)" in line[0] and "exit sub0 spread" in line[0]
     assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["epoch"] == 1
     assert not (tmp_path / "run" / "results.json").exists()

@@ -70,7 +70,8 @@ def selfcon_u_loop(features, alpha, temperature, base_temperature):
                     continue
                 sims = {k: float(features[b, a].double() @ features[k].double()) / temperature for k in others}
                 norm = math.log(sum(math.exp(s) for s in sims.values()))
-                losses.append(-(temperature / base_temperature) * sum(sims[p] - norm for p in positives) / len(positives))
+                losses.append(-(temperature / base_temperature) * sum(sims[p] - norm for p in positives)
+                              / len(positives))
         return sum(losses) / len(losses) if losses else 0.0
 
     return (term(backbone, backbone) + alpha * term(sub, range(columns))) / (1 + alpha)
@@ -161,7 +162,8 @@ def test_mixco_objective_is_ntxent_plus_weighted_mix_term():
     z = model(build_batch(views, lam)).projections[0]
     z1, z2, m1, m2 = z[:8], z[8:16], z[16:20], z[20:24]
     first = torch.arange(4)
-    mix = (mix_contrast_loss(m1, z2, lam[0], first, first + 4) + mix_contrast_loss(m2, z1, lam[1], first, first + 4)) / 2
+    mix = (mix_contrast_loss(m1, z2, lam[0], first, first + 4)
+           + mix_contrast_loss(m2, z1, lam[1], first, first + 4)) / 2
     assert logs["loss/ntxent"].item() == pytest.approx(nt_xent_loop(z1.detach(), z2.detach(), 0.5), rel=1e-5)
     assert logs["loss/mix"].item() == pytest.approx(mix.item(), rel=1e-5)
     assert loss.item() == pytest.approx(logs["loss/ntxent"].item() + 0.3 * mix.item(), rel=1e-5)

@@ -29,7 +29,8 @@ def recipe(tmp_path):
 
 def test_parse_values_keeps_lists_whole():
     assert sweep.parse_values("loss.alpha=0,0.5,1") == ("loss.alpha", ["0", "0.5", "1"])
-    assert sweep.parse_values("model.exits=[layer1,layer2],[layer2]") == ("model.exits", ["[layer1,layer2]", "[layer2]"])
+    assert sweep.parse_values("model.exits=[layer1,layer2],[layer2]") == ("model.exits",
+                                                                          ["[layer1,layer2]", "[layer2]"])
     for bad in ("loss.alpha", "loss.alpha=", "loss.alpha=1,,2", "loss.alpha=1,1"):
         with pytest.raises(Exception, match="--set"):
             sweep.parse_values(bad)

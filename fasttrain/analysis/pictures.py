@@ -48,7 +48,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from fasttrain.analysis.common import eval_batches, load_trained, main_with_one_line_errors, pyplot, save_png, write_json
+from fasttrain.analysis.common import (eval_batches, load_trained, main_with_one_line_errors, pyplot, save_png,
+                                      write_json)
 from fasttrain.engine.faults import write_bytes
 from fasttrain.models import MultiExitResNet, exit_names
 from fasttrain.recipe import RecipeError

@@ -156,7 +156,8 @@ def load_weights(model: torch.nn.Module, state: dict, what: str) -> None:
         model.load_state_dict(weights)
     except RuntimeError as exc:
         detail = str(exc).strip().splitlines()
-        raise CheckpointError(f"{what} does not fit this model ({detail[1].strip() if len(detail) > 1 else detail[0]})") \
+        raise CheckpointError(f"{what} does not fit this model "
+                              f"({detail[1].strip() if len(detail) > 1 else detail[0]})") \
             from None
 
 

@@ -13,7 +13,8 @@ on CUDA the device time of the kernels it launched, and autograd's backward ops,
 engine's device thread outside the ``backward`` range, count as backward by their name. ``step`` is the
 wall time of a step. ``data`` on CUDA is the time the device sat idle while the host waited for the
 loader (a wait that overlaps kernels queued earlier costs nothing). ``other`` is the rest of the step:
-on CUDA the device's other idle gaps and launch overhead, on a CPU the Python between ops. Results: a Chrome/Perfetto trace, ``profile.json`` and ``profile.md``.
+on CUDA the device's other idle gaps and launch overhead, on a CPU the Python between ops. Results: a
+Chrome/Perfetto trace, ``profile.json`` and ``profile.md``.
 """
 from __future__ import annotations
 

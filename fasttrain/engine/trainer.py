@@ -158,7 +158,7 @@ class TrainStep:
         """``measure``: this step's logs will be read, so include the per-exit terms and the gradient norm."""
         with self.accelerator.accumulate(self.model):
             loss, logs = self.objective(self.model, views, labels, detail=measure)
-            nonfinite = self._nonfinite(loss)
+            self._nonfinite(loss)
             with mark("backward"):
                 self.accelerator.backward(loss)
             with mark("optimizer"):
@@ -277,7 +277,8 @@ def train(recipe: Recipe, accelerator: Accelerator) -> TrainResult:
                           stop=recipe.monitor.on_collapse == "stop",
                           loss_at_collapse=loss_fn.loss_at_collapse(images_per_step, num_exits))
     knn = KNNMonitor.online(recipe, accelerator) if recipe.monitor.knn_every else None
-    knn_curve = [{k: v for k, v in r.items() if k not in ("kind", "step")} for r in metrics.read() if r["kind"] == "knn"]
+    knn_curve = [{k: v for k, v in r.items() if k not in ("kind", "step")}
+                 for r in metrics.read() if r["kind"] == "knn"]
     save = functools.partial(_save, recipe, accelerator, model, optimizer, classes=getattr(loader, "classes", None),
                              train_images=loader.num_samples * accelerator.num_processes)
     every_steps = recipe.run.checkpoint_every_steps
@@ -300,7 +301,8 @@ def train(recipe: Recipe, accelerator: Accelerator) -> TrainResult:
     # a stop signal ends the run at a step boundary, with a checkpoint of that step
     with deferred_stops(), profiler or contextlib.nullcontext():
         # a run stopped right after an epoch's checkpoint has not scored that epoch yet
-        if start_epoch and not start_step and knn_due(start_epoch) and start_epoch not in {r["epoch"] for r in knn_curve}:
+        if (start_epoch and not start_step and knn_due(start_epoch)
+                and start_epoch not in {r["epoch"] for r in knn_curve}):
             knn_after(start_epoch)
         for epoch in range(start_epoch, recipe.schedule.epochs):
             model.train()
