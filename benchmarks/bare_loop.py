@@ -15,10 +15,9 @@ import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import summarize, training_device, write_json  # noqa: E402
+from benchmarks.common import summarize, training_device  # noqa: E402
+from fasttrain.files import write_json  # noqa: E402
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": None}
 

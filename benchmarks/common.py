@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import NamedTuple, Optional, Sequence
 
-from fasttrain.engine.faults import save_figure, write_bytes  # noqa: F401  (save_figure: for the benchmarks)
+from fasttrain.files import save_figure, write_json, write_text
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -50,23 +50,19 @@ class SyntheticStep(NamedTuple):
 
 
 def synthetic_step(recipe, num_classes: int) -> SyntheticStep:
-    """The trainer's own step for ``recipe`` (make_accelerator -> training_model -> build_optimizer ->
-    accelerator.prepare -> TrainStep), fed random images made once on the device (what a GPU-side
-    loader hands over): no loading is measured."""
+    """The trainer's own step for ``recipe`` (``engine.trainer.build_step``, a constant lr: timing, not
+    learning), fed random images made once on the device (what a GPU-side loader hands over): no
+    loading is measured."""
     import torch
 
-    from fasttrain.engine.optim import build_optimizer
-    from fasttrain.engine.trainer import TrainStep, make_accelerator, per_process_batch, training_model
+    from fasttrain.engine.trainer import build_step, make_accelerator, per_process_batch
     from fasttrain.methods import get_method
-    from fasttrain.recipe import objective
 
     method = get_method(recipe.method)
     accelerator = make_accelerator(recipe, log_with=())
     device, batch = accelerator.device, per_process_batch(recipe, accelerator)
-    model = training_model(recipe, method, num_classes, accelerator.num_processes)
-    optimizer = build_optimizer(model, recipe.optim)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    step = TrainStep(accelerator, model, objective(recipe), optimizer)  # a constant lr: timing, not learning
+    step = build_step(recipe, accelerator, method, num_classes)
+    model = step.model
     model.train()
     gen = torch.Generator(device=device).manual_seed(0)
     fmt = torch.channels_last if recipe.train.channels_last else torch.contiguous_format
@@ -135,12 +131,6 @@ def summarize(values: Sequence[float]) -> dict:
 # ---------------------------------------------------------------- result files
 
 
-def atomic_write(path: Path, text: str | bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_bytes(path, text if isinstance(text, bytes) else text.encode())
-
-
 def shown(path: Path) -> str:
     """A path as results print it: relative to the working directory when it lies under it."""
     path = Path(path)
@@ -148,10 +138,6 @@ def shown(path: Path) -> str:
         return str(path.relative_to(Path.cwd()))
     except ValueError:
         return str(path)
-
-
-def write_json(path: Path, data) -> None:
-    atomic_write(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
 def write_report(out: Path, name: str, args, rows: list[dict], text: str, *, worker_only=(),
@@ -163,7 +149,7 @@ def write_report(out: Path, name: str, args, rows: list[dict], text: str, *, wor
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / f"{name}.json", {"benchmark": name, "config": config, "environment": environment(),
                                       rows_key: rows})
-    atomic_write(out / f"{name}.md", text)
+    write_text(out / f"{name}.md", text)
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:

@@ -27,10 +27,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import write_json  # noqa: E402
+from fasttrain.files import write_json  # noqa: E402
 
 CANDIDATES = ("pil", "pil_draft", "decode_jpeg", "dali")
 CROP_SCALE = (0.2, 1.0)  # as loader_throughput: the contrastive crops of the ImageNet recipes

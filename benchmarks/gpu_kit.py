@@ -34,10 +34,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import REPO, atomic_write, markdown_table, write_json  # noqa: E402
+from benchmarks.common import REPO, markdown_table  # noqa: E402
+from fasttrain.files import write_json, write_text  # noqa: E402
 
 MIN_PART_SECONDS = 20  # a part is not started with less time than this left
 
@@ -165,7 +164,7 @@ def environment(out: Path) -> dict:
             facts[name] = None
     if shutil.which("nvidia-smi"):
         smi = subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=30)
-        atomic_write(out / "nvidia-smi.txt", smi.stdout + smi.stderr)
+        write_text(out / "nvidia-smi.txt", smi.stdout + smi.stderr)
     return facts
 
 
@@ -266,7 +265,7 @@ def main(argv=None) -> int:
                                        "parts": [vars(p) | {"commands": [list(map(str, c)) for c in p.commands]}
                                                  for p in parts], "results": found})
     text = report(args.out, facts, parts, found)
-    atomic_write(args.out / "kit.md", text)
+    write_text(args.out / "kit.md", text)
     print(text)
     return 1 if any(p.status.startswith(("failed", "timed out")) for p in parts) else 0
 

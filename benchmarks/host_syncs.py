@@ -25,10 +25,9 @@ import warnings
 from collections import Counter
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import markdown_table, recipe_for, synthetic_step, write_json  # noqa: E402
+from benchmarks.common import markdown_table, recipe_for, synthetic_step  # noqa: E402
+from fasttrain.files import write_json, write_text  # noqa: E402
 
 TENSOR_READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__")
 DATA_DEPENDENT = ("unique", "nonzero", "masked_select", "bincount", "unique_consecutive")
@@ -157,9 +156,8 @@ def main(argv=None) -> int:
             f"{rows[0]['device'] if rows else '?'}; {args.steps} steps after {args.warmup} warm-up):\n\n" + table(rows))
     print(text)
     if args.out:
-        from benchmarks.common import atomic_write
         write_json(args.out / "host_syncs.json", {"benchmark": "host_syncs", "config": vars(args), "methods": rows})
-        atomic_write(args.out / "host_syncs.md", text)
+        write_text(args.out / "host_syncs.md", text)
     return 0
 
 

@@ -26,8 +26,6 @@ import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (backend_source, bar_chart, markdown_table, run_worker, summarize,  # noqa: E402
                                training_device, worker_row, write_json, write_report)

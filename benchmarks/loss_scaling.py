@@ -25,10 +25,9 @@ import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import markdown_table, save_figure, summarize, worker_row, write_report  # noqa: E402
+from benchmarks.common import markdown_table, summarize, worker_row, write_report  # noqa: E402
+from fasttrain.files import save_figure  # noqa: E402
 
 DIM, CLASSES = 128, 100
 
@@ -210,7 +209,7 @@ def plot(path: Path, rows: list[dict], before: tuple[str, list[dict]] | None, la
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.worker:
-        from benchmarks.common import write_json
+        from fasttrain.files import write_json
         write_json(args.result, worker(args))
         return 0
     from tqdm import tqdm

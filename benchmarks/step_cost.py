@@ -20,8 +20,6 @@ import tempfile
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (bar_chart, markdown_table, parts_chart, recipe_for, run_worker,  # noqa: E402
                                shown, summarize, synthetic_step, write_json, write_report)

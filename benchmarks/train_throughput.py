@@ -26,8 +26,6 @@ import tempfile
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (backend_source, bar_chart, markdown_table, parts_chart, recipe_for,  # noqa: E402
                                worker_row, write_json, write_report)

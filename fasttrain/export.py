@@ -17,8 +17,6 @@ import argparse
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 _STEM = {"stem.0.": "conv1.", "stem.1.": "bn1."}
 
@@ -93,7 +91,7 @@ def main(argv=None) -> int:
     parser.add_argument("out", metavar="OUT", type=Path, help="the torchvision state dict to write (.pt)")
     parser.add_argument("--exits", action="store_true", help="also write the sub-networks and heads (OUT.exits.pt)")
     args = parser.parse_args(argv)
-    from fasttrain.engine.faults import describe_os_error
+    from fasttrain.faults import describe_os_error
     from fasttrain.errors import UserError
 
     if not args.checkpoint.is_file():

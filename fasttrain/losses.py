@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.nn.functional import all_gather as all_gather_with_grad
 
-from fasttrain.engine.profiling import mark
+from fasttrain.tracing import mark
 
 _MASKED = -1e9  # stands in for -inf on the diagonal: exp() is 0, and nothing downstream turns NaN
 

@@ -16,7 +16,7 @@ from typing import Callable, Literal, NamedTuple, Optional, Sequence
 
 import torch
 
-from fasttrain.engine.profiling import mark
+from fasttrain.tracing import mark
 from fasttrain.losses import cross_entropy, masked_mean, mix_contrast_loss, supcon_loss, supcon_terms
 from fasttrain.models import EncoderOutput, exit_names
 from fasttrain.monitors import collapse_value, spread

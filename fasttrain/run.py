@@ -12,12 +12,10 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
     from fasttrain.recipe import Recipe
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 log = logging.getLogger("fasttrain")
 EXIT_CODES = """exit status: 0 done; 1 the system refused a file operation (disk full, no permission), or a loader
@@ -30,7 +28,7 @@ intact."""
 
 
 def main(argv=None) -> int:
-    from fasttrain.engine.faults import Stopped, stop_on_signals  # the standard library only
+    from fasttrain.faults import Stopped, stop_on_signals  # the standard library only
 
     try:  # a stop is one line from the first import on
         stop_on_signals()
@@ -44,7 +42,7 @@ def main(argv=None) -> int:
 
 
 def _main(argv) -> int:
-    from fasttrain.engine.faults import describe_crash, describe_os_error
+    from fasttrain.faults import describe_crash, describe_os_error
 
     parser = argparse.ArgumentParser(description=__doc__, epilog=EXIT_CODES,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -109,42 +107,92 @@ def run(recipe: Recipe, eval_only: str | None = None, random_init: bool = False,
     ``knn`` (``{k, temperature, bank}``): with either, a k-NN evaluation on whole splits instead of
     the linear one; its numbers join those of the linear one in the same JSON file. One run per
     ``run.dir`` at a time: a second is refused in one line while the first holds it."""
-    from fasttrain.engine.faults import stop_on_signals
+    from fasttrain.faults import stop_on_signals
 
     stop_on_signals(recipe.run.stop_signals)
     with holding_run_dir(Path(recipe.run.dir)):
         return _run(recipe, eval_only, random_init, knn)
 
 
+class _Encoder(NamedTuple):
+    """What is evaluated: the model, its method and the recipe it was trained with, the training's
+    result (None when not trained here) and the checkpoint's position (``epoch``, ``updates``)."""
+    model: object
+    method: object
+    recipe: object
+    trained: object = None
+    state: dict = {"epoch": 0, "updates": 0}
+
+
 def _run(recipe: Recipe, eval_only: str | None, random_init: bool, knn: dict | None) -> dict | None:
-    from fasttrain.engine import checkpoint
-    from fasttrain.engine.knn import KNNMonitor
-    from fasttrain.engine.linear_eval import classifier_eval, linear_eval
-    from fasttrain.engine.trainer import build_model, make_accelerator, train, write_results
-    from fasttrain.methods import get_method
-    from fasttrain.errors import CheckpointError
+    from fasttrain.engine.trainer import make_accelerator
+    from fasttrain.files import write_json
 
     accelerator = make_accelerator(recipe)
     started = time.perf_counter()
-    trained, state = None, {"epoch": 0, "updates": 0}
     if eval_only:
-        path = Path(eval_only)
-        if not path.is_file():
-            raise CheckpointError(f"--eval-only: no such checkpoint: {path}")
-        state = checkpoint.load(path, "--eval-only")
-        trained_recipe = checkpoint.recipe_of(state)
-        method = get_method(state["method"])
-        model = build_model(trained_recipe, method, num_classes=checkpoint.num_classes(state))
-        checkpoint.load_weights(model, state, f"--eval-only: {path}")
+        encoder = _from_checkpoint(Path(eval_only))
     elif random_init:
-        from accelerate.utils import set_seed
-        set_seed(recipe.train.seed)
-        trained_recipe, method = recipe, get_method(recipe.method)
-        model = build_model(recipe, method, num_classes=None)  # a random classifier is no floor: linear eval
+        encoder = _at_random_init(recipe)
     else:
-        trained = train(recipe, accelerator)
-        trained_recipe, model, method = recipe, trained.model, trained.method
-    model.to(accelerator.device)
+        encoder = _pretrained(recipe, accelerator)
+    encoder.model.to(accelerator.device)
+    results = _evaluated(recipe, accelerator, encoder, knn, random_init)
+    results.update(wall_seconds=time.perf_counter() - started,
+                   checkpoint=str(Path(eval_only).resolve()) if eval_only else None)
+    accelerator.end_training()
+    if not accelerator.is_main_process:
+        return None
+    # an evaluation of an existing checkpoint must not overwrite the results of its pretraining
+    name = "linear_eval.json" if eval_only else "random_init.json" if random_init else "results.json"
+    if encoder.trained is None:
+        results = _joined(Path(recipe.run.dir) / name, results)
+    write_json(Path(recipe.run.dir) / name, results)
+    return results
+
+
+def _pretrained(recipe: Recipe, accelerator) -> _Encoder:
+    from fasttrain.engine.trainer import train
+
+    trained = train(recipe, accelerator)
+    return _Encoder(trained.model, trained.method, recipe, trained)
+
+
+def _from_checkpoint(path: Path) -> _Encoder:
+    """``--eval-only``: the checkpoint's encoder, described by the recipe it was trained with."""
+    from fasttrain.engine import checkpoint
+    from fasttrain.engine.trainer import build_model
+    from fasttrain.errors import CheckpointError
+    from fasttrain.methods import get_method
+
+    if not path.is_file():
+        raise CheckpointError(f"--eval-only: no such checkpoint: {path}")
+    state = checkpoint.load(path, "--eval-only")
+    trained_recipe, method = checkpoint.recipe_of(state), get_method(state["method"])
+    model = build_model(trained_recipe, method, num_classes=checkpoint.num_classes(state))
+    checkpoint.load_weights(model, state, f"--eval-only: {path}")
+    return _Encoder(model, method, trained_recipe, None, state)
+
+
+def _at_random_init(recipe: Recipe) -> _Encoder:
+    """``--random-init``: the recipe's encoder untrained (seeded), without classifiers: the floor."""
+    from accelerate.utils import set_seed
+
+    from fasttrain.engine.trainer import build_model
+    from fasttrain.methods import get_method
+
+    set_seed(recipe.train.seed)
+    method = get_method(recipe.method)
+    return _Encoder(build_model(recipe, method, num_classes=None), method, recipe)  # a random classifier is no floor
+
+
+def _evaluated(recipe: Recipe, accelerator, encoder: _Encoder, knn: dict | None, random_init: bool) -> dict:
+    """The results of ``encoder``: its evaluation (k-NN with ``knn``; else linear or its own classifiers)
+    and what its training measured."""
+    from fasttrain.engine.knn import KNNMonitor
+    from fasttrain.engine.linear_eval import classifier_eval, linear_eval
+
+    model, method, trained, state = encoder.model, encoder.method, encoder.trained, encoder.state
     knn_curve, knn_eval, evaluation = trained.knn if trained else [], None, None
     if knn is not None:
         knn_eval = KNNMonitor(recipe, accelerator, knn["bank"], None, knn["k"], knn["temperature"]).evaluate(model)
@@ -154,35 +202,19 @@ def _run(recipe: Recipe, eval_only: str | None, random_init: bool, knn: dict | N
         evaluation = classifier_eval(recipe, accelerator, model)
     if trained is None and knn is None and recipe.monitor.knn_every:
         knn_curve = [{"epoch": state["epoch"], **KNNMonitor.online(recipe, accelerator)(model)}]
-    results = {
-        "method": method.name, "arch": trained_recipe.model.arch, "loader": recipe.loader,
-        "random_init": random_init,
+    measured = {key: getattr(trained, key, None) for key in (
+        "images_per_second", "peak_memory_bytes", "peak_memory_kind", "device_memory_bytes")}
+    return {
+        "method": method.name, "arch": encoder.recipe.model.arch, "loader": recipe.loader, "random_init": random_init,
         "epochs": trained.epochs if trained else state["epoch"],
         "steps": trained.updates if trained else state["updates"],
         "global_batch_size": recipe.train.batch_size, "num_processes": accelerator.num_processes,
-        "precision": recipe.train.precision, "device": accelerator.device.type,
-        "images_per_second": trained.images_per_second if trained else None,
-        "peak_memory_bytes": trained.peak_memory_bytes if trained else None,
-        "peak_memory_kind": trained.peak_memory_kind if trained else None,
-        "device_memory_bytes": trained.device_memory_bytes if trained else None,
+        "precision": recipe.train.precision, "device": accelerator.device.type, **measured,
         "skipped_images": trained.skipped_images if trained else 0,
         "nonfinite_steps": trained.nonfinite_steps if trained else 0,
         "classes": trained.classes if trained else state.get("classes"),
-        "wall_seconds": time.perf_counter() - started,
-        "checkpoint": str(Path(eval_only).resolve()) if eval_only else None,
-        "linear_eval": evaluation,
-        "knn": knn_curve,
-        "knn_eval": knn_eval,
+        "linear_eval": evaluation, "knn": knn_curve, "knn_eval": knn_eval,
     }
-    accelerator.end_training()
-    if not accelerator.is_main_process:
-        return None
-    # an evaluation of an existing checkpoint must not overwrite the results of its pretraining
-    name = "linear_eval.json" if eval_only else "random_init.json" if random_init else "results.json"
-    if trained is None:
-        results = _joined(Path(recipe.run.dir) / name, results)
-    write_results(Path(recipe.run.dir) / name, results)
-    return results
 
 
 def _joined(path: Path, results: dict) -> dict:
@@ -226,7 +258,7 @@ def holding_run_dir(run_dir: Path):
         lock.truncate()
         lock.write(f"{os.getpid()}\n")
         lock.flush()
-        from fasttrain.engine.faults import sweep_stale_temps
+        from fasttrain.files import sweep_stale_temps
         sweep_stale_temps(run_dir)  # only now: another live run's temp files are not ours to remove
         yield
 
@@ -234,7 +266,7 @@ def holding_run_dir(run_dir: Path):
 def prepare_run_dir(run_dir: Path, sweep: bool = True) -> None:
     """The run dir exists and can be written, before any work; temp files that killed runs left there
     are removed (``sweep``)."""
-    from fasttrain.engine.faults import sweep_stale_temps
+    from fasttrain.files import sweep_stale_temps
     from fasttrain.recipe import RecipeError
 
     try:

@@ -25,8 +25,6 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 BACKENDS = ("torchvision", "dali", "ffcv")
 METHODS = ("selfcon", "supcon")
@@ -111,10 +109,9 @@ def run_check(path: Check, split_paths: dict, work: Path, device_type: str) -> d
 
     from fasttrain.engine.linear_eval import ExitClassifiers, encode
     from fasttrain.engine.metrics import PeakMemory
-    from fasttrain.engine.optim import build_optimizer
-    from fasttrain.engine.trainer import TrainStep, make_accelerator, per_process_batch, train_loader, training_model
+    from fasttrain.engine.trainer import build_step, make_accelerator, per_process_batch, train_loader
     from fasttrain.methods import get_method
-    from fasttrain.recipe import Recipe, objective
+    from fasttrain.recipe import Recipe
     from loaders import LoaderRequest, build_loader
 
     AcceleratorState._reset_state(reset_partial_state=False)  # a new precision per path
@@ -146,10 +143,8 @@ def run_check(path: Check, split_paths: dict, work: Path, device_type: str) -> d
     if problems:
         raise AssertionError("loader contract: " + "; ".join(problems))
 
-    model = training_model(recipe, method, loader.num_classes, accelerator.num_processes, accelerator.is_main_process)
-    optimizer = build_optimizer(model, recipe.optim)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    step = TrainStep(accelerator, model, objective(recipe), optimizer)  # a constant lr
+    step = build_step(recipe, accelerator, method, loader.num_classes)  # a constant lr
+    model = step.model
     memory = PeakMemory(device)
     memory.reset()
     losses = [float(step(views, labels)[0])]  # the first step also compiles
@@ -286,7 +281,7 @@ def main(argv=None) -> int:
     elif state.num_processes == 1:
         rows.append({"path": "NCCL gather across processes", "status": "skipped: one process (use accelerate launch)"})
     if state.is_main_process:
-        from fasttrain.engine.faults import write_bytes
+        from fasttrain.files import write_bytes
         print(format_table(facts, rows))
         write_bytes(args.out, (json.dumps({"environment": facts, "paths": rows}, indent=2) + "\n").encode())
     return 1 if any(r["status"].startswith("failed") for r in rows) else 0

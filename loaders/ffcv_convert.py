@@ -32,7 +32,8 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from fasttrain.engine.faults import Stopped, replacing, stop_on_signals, sweep_stale_temps
+from fasttrain.faults import Stopped, stop_on_signals
+from fasttrain.files import replacing, sweep_stale_temps
 from loaders.spec import load_rgb
 
 _TORCH_THREADS = torch.get_num_threads()

@@ -10,7 +10,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fasttrain.engine.trainer import build_model, make_accelerator  # noqa: E402
 from fasttrain.recipe import objective  # noqa: E402
 from fasttrain.methods import get_method  # noqa: E402

@@ -14,7 +14,8 @@ import torch
 
 from conftest import REPO, make_image_folder
 from fasttrain.engine import checkpoint
-from fasttrain.engine.faults import Stopped, describe_os_error, replacing, sweep_stale_temps
+from fasttrain.faults import Stopped, describe_os_error
+from fasttrain.files import replacing, sweep_stale_temps
 from test_run import ACCELERATE, ENV, FREE_PORT, PYTHON, launch, write_recipe
 
 DEAD_PID = 999_999_999  # above any pid_max: never a running process
@@ -335,7 +336,7 @@ def test_step_checkpoints_keep_the_newest_and_a_broken_latest_falls_back(tmp_pat
 
 
 def test_the_stop_signals_are_the_recipes(monkeypatch):
-    from fasttrain.engine import faults
+    from fasttrain import faults
 
     monkeypatch.setattr(faults, "_launched_by_a_launcher", lambda: False)
     before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)}

@@ -98,7 +98,7 @@ def test_a_killed_loader_worker_is_one_line_naming_the_cure(tmp_path, monkeypatc
 
 
 def test_a_peers_death_is_described_and_a_bug_is_not():
-    from fasttrain.engine.faults import describe_crash
+    from fasttrain.faults import describe_crash
     assert "another process of this run stopped" in describe_crash(
         RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer [10.0.0.2]:6000"))
     assert describe_crash(RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x3 and 5x6)")) is None

@@ -10,8 +10,8 @@ from typing import Callable, Iterator, NamedTuple, Optional
 
 import torch
 
-from fasttrain.engine.faults import save_figure as save_png  # noqa: F401  (re-exported for the tools)
-from fasttrain.engine.trainer import write_results as write_json  # noqa: F401
+from fasttrain.files import save_figure as save_png  # noqa: F401  (re-exported for the tools)
+from fasttrain.files import write_json  # noqa: F401  (for the tools)
 from fasttrain.methods import Method, get_method
 from fasttrain.models import MultiExitResNet
 from fasttrain.errors import CheckpointError

@@ -20,14 +20,12 @@ import math
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from torch import nn
 from tqdm.auto import tqdm
 
 from fasttrain.analysis.common import main_with_one_line_errors, pyplot, save_png, write_json
-from fasttrain.engine.faults import write_bytes
+from fasttrain.files import write_bytes
 from fasttrain.models import EncoderOutput, MultiExitResNet
 from fasttrain.models.multi_exit import STAGES
 

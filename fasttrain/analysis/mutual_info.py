@@ -329,7 +329,7 @@ def parse_args(argv=None):
 
 def _main(argv=None) -> int:
     from fasttrain.analysis.common import write_json
-    from fasttrain.engine.faults import write_bytes
+    from fasttrain.files import write_bytes
     from fasttrain.models.multi_exit import EXIT_POINTS
     from fasttrain.recipe import RecipeError
 

@@ -40,8 +40,6 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import numpy as np
 import torch
@@ -50,7 +48,7 @@ from tqdm import tqdm
 
 from fasttrain.analysis.common import (eval_batches, load_trained, main_with_one_line_errors, pyplot, save_png,
                                       write_json)
-from fasttrain.engine.faults import write_bytes
+from fasttrain.files import write_bytes
 from fasttrain.models import MultiExitResNet, exit_names
 from fasttrain.recipe import RecipeError
 

@@ -22,11 +22,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from fasttrain.analysis.common import main_with_one_line_errors, pyplot, save_png, write_json
-from fasttrain.engine.faults import write_bytes
+from fasttrain.files import write_bytes
 from fasttrain.recipe import RecipeError
 
 RUN_PY = Path(__file__).resolve().parents[1] / "run.py"

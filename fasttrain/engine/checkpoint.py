@@ -14,8 +14,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from fasttrain.engine.faults import replacing
+from fasttrain.files import replacing
 from fasttrain.errors import CheckpointError
+from fasttrain.recipe import Recipe
 
 log = logging.getLogger("fasttrain")
 CHECKPOINT = "checkpoint.pt"
@@ -134,7 +135,6 @@ def load(path: Path, what: str) -> dict:
 def recipe_of(state: dict):
     """The recipe a checkpoint was trained with. Checkpoints older than ``model.head`` hold the plain
     head (``mlp``), which is no longer the default."""
-    from fasttrain.recipe import Recipe
 
     tree = dict(state["recipe"])
     tree["model"] = {"head": "mlp", **tree.get("model", {})}

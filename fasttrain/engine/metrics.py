@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from fasttrain.engine.faults import write_bytes
+from fasttrain.files import write_bytes
 
 log = logging.getLogger("fasttrain")
 

@@ -29,20 +29,15 @@ from typing import Iterable, Iterator, Optional
 
 import torch
 from torch.autograd import DeviceType
-from torch.profiler import ProfilerActivity, record_function
+from torch.profiler import ProfilerActivity
 
-from fasttrain.engine.faults import replacing
+from fasttrain.files import replacing
+from fasttrain.tracing import PREFIX, mark
 
-PREFIX = "fasttrain/"
 PARTS = ("data", "forward", "trunk", "subnetworks", "heads", "loss", "gather", "backward", "optimizer", "other")
 _FORWARD_PARTS = ("data", "forward", "trunk", "subnetworks", "heads", "loss", "gather")
 _BACKWARD_OP = "autograd::engine::evaluate_function"
 TRACE_NAME = "trace.pt.trace.json.gz"  # TensorBoard's profiler plugin lists *.pt.trace.json(.gz); Perfetto opens it
-
-
-def mark(part: str):
-    """The range of one part of the step, as the profiler (and its trace) names it."""
-    return record_function(PREFIX + part)
 
 
 def timed(batches: Iterable) -> Iterator:

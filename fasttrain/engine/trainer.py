@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.util
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -18,7 +17,8 @@ from accelerate.utils import gather_object, set_seed
 from tqdm.auto import tqdm
 
 from fasttrain.engine import checkpoint
-from fasttrain.engine.faults import Stopped, deferred_stops, pending_stop, write_bytes
+from fasttrain.faults import Stopped, deferred_stops, pending_stop
+from fasttrain.files import write_bytes, write_json
 from fasttrain.engine.knn import KNNMonitor
 from fasttrain.engine.linear_eval import check_evaluation
 from fasttrain.engine.metrics import MetricsFile, PeakMemory, Throughput
@@ -128,6 +128,18 @@ def training_model(recipe: Recipe, method: Method, num_classes: int, num_process
     return model
 
 
+def build_step(recipe: Recipe, accelerator: Accelerator, method: Method, num_classes: int,
+               schedule: Optional[Callable[[int], float]] = None) -> "TrainStep":
+    """What a training step needs, from a recipe: the model as it trains, its optimizer, both prepared
+    by Accelerate, and the step (a constant lr without ``schedule``). The trainer, the self-test and
+    the benchmarks build their steps here."""
+    model = training_model(recipe, method, num_classes, accelerator.num_processes, accelerator.is_main_process)
+    optimizer = build_optimizer(model, recipe.optim)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    return TrainStep(accelerator, model, objective(recipe), optimizer, schedule or (lambda update: 1.0),
+                     clip_grad_norm=recipe.optim.clip_grad_norm)
+
+
 class TrainStep:
     """One micro-step of training: forward (the method's batch builder), loss, backward, and on
     the last micro-step of an accumulation, the lr update and optimizer step.
@@ -174,6 +186,11 @@ class TrainStep:
                 self.optimizer.zero_grad(set_to_none=True)
         logs["skipped_steps"] = self.skipped
         return loss.detach(), logs
+
+    def resume_at(self, updates: int) -> None:
+        """Continue a run after ``updates`` optimizer updates (its lr where the schedule has it)."""
+        self.updates = updates
+        self.lr = set_lr(self.optimizer, self.schedule(updates))
 
     def _nonfinite(self, loss: torch.Tensor) -> torch.Tensor:
         """Whether the loss is NaN/Inf on any process (a device tensor: an all-reduce, no host read);
@@ -239,123 +256,157 @@ class TrainResult:
 
 
 def train(recipe: Recipe, accelerator: Accelerator) -> TrainResult:
-    method = get_method(recipe.method)
-    set_seed(recipe.train.seed, device_specific=True)
-    run_dir = Path(recipe.run.dir)
-    main = accelerator.is_main_process
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_bytes(run_dir / "recipe.yaml", dump_recipe(recipe).encode())
-    batch = per_process_batch(recipe, accelerator)
-    loader = train_loader(recipe, accelerator, method)
+    """Pretrain with ``recipe`` (resuming where ``run.resume`` says), checkpoints and logs included."""
+    return Training(recipe, accelerator).run()
 
-    check_evaluation(recipe, method.evaluation, loader.num_samples * accelerator.num_processes)
-    model = training_model(recipe, method, loader.num_classes, accelerator.num_processes, main)
-    optimizer = build_optimizer(model, recipe.optim)
 
-    micro_steps = min(len(loader), recipe.train.max_steps_per_epoch or len(loader))
-    updates_per_epoch = micro_steps // recipe.train.grad_accum_steps
-    if updates_per_epoch == 0:
-        raise RecipeError(f"train.grad_accum_steps={recipe.train.grad_accum_steps}: more than the "
-                          f"{micro_steps} steps of an epoch")
-    micro_steps = updates_per_epoch * recipe.train.grad_accum_steps
-    start_epoch, start_step, updates, rng = _resume(recipe, model, optimizer, accelerator, loader)
-    num_exits = model.num_exits
-    model, optimizer = accelerator.prepare(model, optimizer)
-    loss_fn = objective(recipe)
-    step = TrainStep(accelerator, model, loss_fn, optimizer, schedule_for(recipe.schedule, recipe.optim.lr,
-                                                                          updates_per_epoch),
-                     updates=updates, clip_grad_norm=recipe.optim.clip_grad_norm)
+class Training:
+    """One pretraining run: set up from the recipe (``__init__``), then epochs of steps (``run``), each
+    logged every ``train.log_every`` steps and ended by a checkpoint, a stop, or the k-NN monitor."""
 
-    _start_trackers(recipe, accelerator)
-    metrics = MetricsFile(run_dir, main, resume_step=updates if updates else None)
-    speed = Throughput(accelerator.device, skip=recipe.monitor.throughput_skip_steps)
-    memory = PeakMemory(accelerator.device)
-    memory.reset()
-    images_per_step = batch * accelerator.num_processes
-    watch = CollapseWatch(recipe.monitor.collapse_threshold, recipe.monitor.collapse_patience,
-                          stop=recipe.monitor.on_collapse == "stop",
-                          loss_at_collapse=loss_fn.loss_at_collapse(images_per_step, num_exits))
-    knn = KNNMonitor.online(recipe, accelerator) if recipe.monitor.knn_every else None
-    knn_curve = [{k: v for k, v in r.items() if k not in ("kind", "step")}
-                 for r in metrics.read() if r["kind"] == "knn"]
-    save = functools.partial(_save, recipe, accelerator, model, optimizer, classes=getattr(loader, "classes", None),
-                             train_images=loader.num_samples * accelerator.num_processes)
-    every_steps = recipe.run.checkpoint_every_steps
+    def __init__(self, recipe: Recipe, accelerator: Accelerator):
+        self.recipe, self.accelerator, self.main = recipe, accelerator, accelerator.is_main_process
+        self.method = get_method(recipe.method)
+        set_seed(recipe.train.seed, device_specific=True)
+        self.run_dir = Path(recipe.run.dir)
+        if self.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            write_bytes(self.run_dir / "recipe.yaml", dump_recipe(recipe).encode())
+        self.loader = train_loader(recipe, accelerator, self.method)
+        self.images_per_step = per_process_batch(recipe, accelerator) * accelerator.num_processes
+        check_evaluation(recipe, self.method.evaluation, self.loader.num_samples * accelerator.num_processes)
+        self._build_step()
+        self._build_monitors()
 
-    profiler = _profiler(recipe, accelerator, model)
-    skips = SkipWatch(recipe, step, main)
-    stops = StopAgreement(accelerator)
+    def _build_step(self) -> None:
+        """Model, optimizer and TrainStep, resumed from a checkpoint where there is one."""
+        recipe, accelerator, loader = self.recipe, self.accelerator, self.loader
+        micro_steps = min(len(loader), recipe.train.max_steps_per_epoch or len(loader))
+        updates_per_epoch = micro_steps // recipe.train.grad_accum_steps
+        if updates_per_epoch == 0:
+            raise RecipeError(f"train.grad_accum_steps={recipe.train.grad_accum_steps}: more than the "
+                              f"{micro_steps} steps of an epoch")
+        self.micro_steps = updates_per_epoch * recipe.train.grad_accum_steps
+        self.step = build_step(recipe, accelerator, self.method, loader.num_classes,
+                               schedule_for(recipe.schedule, recipe.optim.lr, updates_per_epoch))
+        self.model, self.optimizer, self.loss_fn = self.step.model, self.step.optimizer, self.step.objective
+        # every process loads the same checkpoint: the processes' weights stay equal
+        self.start_epoch, self.start_step, updates, self.rng = _resume(recipe, _plain(accelerator, self.model),
+                                                                       self.optimizer, accelerator, loader)
+        self.step.resume_at(updates)
+        self.num_exits = _plain(accelerator, self.model).num_exits
 
-    def knn_due(epochs_done: int) -> bool:
-        return bool(knn) and (epochs_done % recipe.monitor.knn_every == 0 or epochs_done == recipe.schedule.epochs)
+    def _build_monitors(self) -> None:
+        recipe, accelerator = self.recipe, self.accelerator
+        _start_trackers(recipe, accelerator)
+        self.metrics = MetricsFile(self.run_dir, self.main, resume_step=self.step.updates or None)
+        self.speed = Throughput(accelerator.device, skip=recipe.monitor.throughput_skip_steps)
+        self.memory = PeakMemory(accelerator.device)
+        self.memory.reset()
+        monitor = recipe.monitor
+        self.watch = CollapseWatch(monitor.collapse_threshold, monitor.collapse_patience,
+                                   stop=monitor.on_collapse == "stop",
+                                   loss_at_collapse=self.loss_fn.loss_at_collapse(self.images_per_step,
+                                                                                  self.num_exits))
+        self.knn = KNNMonitor.online(recipe, accelerator) if monitor.knn_every else None
+        self.knn_curve = [{k: v for k, v in r.items() if k not in ("kind", "step")}
+                          for r in self.metrics.read() if r["kind"] == "knn"]
+        self.save = functools.partial(_save, recipe, accelerator, self.model, self.optimizer,
+                                      classes=getattr(self.loader, "classes", None),
+                                      train_images=self.loader.num_samples * accelerator.num_processes)
+        self.profiler = _profiler(recipe, accelerator, self.model)
+        self.skips = SkipWatch(recipe, self.step, self.main)
+        self.stops = StopAgreement(accelerator)
 
-    def knn_after(epochs_done: int) -> None:
-        accuracy = knn(_plain(accelerator, model))
-        knn_curve.append({"epoch": epochs_done, **accuracy})
-        accelerator.log({f"knn/{k}": v for k, v in accuracy.items()}, step=step.updates)
-        metrics.write({"kind": "knn", "epoch": epochs_done, "step": step.updates, **accuracy})
-        if main:
+    def run(self) -> TrainResult:
+        # a stop signal ends the run at a step boundary, with a checkpoint of that step
+        with deferred_stops(), self.profiler or contextlib.nullcontext():
+            # a run stopped right after an epoch's checkpoint has not scored that epoch yet
+            first = self.start_epoch
+            if first and not self.start_step and self._knn_due(first) and first not in {
+                    r["epoch"] for r in self.knn_curve}:
+                self._knn(first)
+            for epoch in range(first, self.recipe.schedule.epochs):
+                self._epoch(epoch)
+                self._end_of_epoch(epoch)
+        self.accelerator.wait_for_everyone()
+        loader, memory = self.loader, self.memory
+        return TrainResult(_plain(self.accelerator, self.model), self.method, self.recipe.schedule.epochs,
+                           self.step.updates, self.speed.images_per_second, memory.peak_bytes(), memory.kind,
+                           memory.device_peak, len(loader.skipped), self.skips.check("the end of training"),
+                           self.knn_curve, _profile_report(self.recipe, self.profiler),
+                           getattr(loader, "classes", None))
+
+    def _epoch(self, epoch: int) -> None:
+        """The epoch's steps (from the resumed step, for the first), each followed by its log row, a
+        step checkpoint or a stop where one is due."""
+        self.model.train()
+        first = self.start_step if epoch == self.start_epoch else 0
+        self.loader.set_epoch(epoch, skip_batches=first)
+        if epoch == self.start_epoch and self.rng is not None:
+            checkpoint.set_rng_state(self.rng[self.accelerator.process_index % len(self.rng)])
+        self.speed.resume()
+        epochs = self.recipe.schedule.epochs
+        with tqdm(total=self.micro_steps, initial=first, desc=f"epoch {epoch + 1}/{epochs}", disable=not self.main,
+                  dynamic_ncols=True, leave=True) as bar:  # closed on any exception
+            for index, (views, labels) in enumerate(timed(self.loader), start=first):
+                if index == self.micro_steps:
+                    break
+                logged = (index + 1) % self.recipe.train.log_every == 0 or index + 1 == self.micro_steps
+                _, logs = self.step(views, labels, measure=logged)
+                self.speed.update(self.images_per_step)
+                if self.profiler:
+                    self.profiler.step()
+                bar.update(1)
+                if logged:
+                    self._log(logs, epoch, index, bar)
+                if index + 1 < self.micro_steps and self.accelerator.sync_gradients:
+                    self._checkpoint_or_stop_mid_epoch(epoch, index)  # a stop waits for the accumulation's end
+        self.speed.stop()
+
+    def _log(self, logs: dict, epoch: int, index: int, bar) -> None:
+        self.skips.check(f"epoch {epoch + 1} step {index + 1}/{self.micro_steps}")
+        step = self.step
+        row = _log_row(self.accelerator, logs, step, self.speed)
+        spreads = "/".join(f"{row[k]:.2f}" for k in sorted(row) if k.startswith("spread/"))
+        bar.set_postfix(loss=f"{row['loss']:.4f}", spread=spreads, lr=f"{step.lr:.3g}",
+                        img_s=f"{row.get('images_per_second') or 0:.0f}")
+        self.memory.sample()
+        self.accelerator.log(row, step=step.updates)
+        self.metrics.write({"kind": "train", "epoch": epoch + 1, "step": step.updates, **row})
+        self.watch(row, step.updates)
+
+    def _checkpoint_or_stop_mid_epoch(self, epoch: int, index: int) -> None:
+        stop, every = self.stops.after_step(), self.recipe.run.checkpoint_every_steps
+        if stop or (every and self.step.updates % every == 0):
+            self.save(epoch, self.step.updates, step_in_epoch=index + 1)
+        if stop:
+            raise Stopped(stop, f" at epoch {epoch + 1} step {index + 1}/{self.micro_steps}: checkpoint "
+                                f"written ({self.step.updates} updates); resume with run.resume=auto")
+
+    def _end_of_epoch(self, epoch: int) -> None:
+        self.skips.check(f"the end of epoch {epoch + 1}")
+        stop, done = self.stops.now(), epoch + 1
+        if stop or done == self.recipe.schedule.epochs or done % self.recipe.run.checkpoint_every == 0:
+            self.save(done, self.step.updates)
+        if stop:
+            raise Stopped(stop, f" after epoch {done}: checkpoint written ({self.step.updates} updates); "
+                                f"resume with run.resume=auto")
+        if self._knn_due(done):
+            self._knn(done)
+
+    def _knn_due(self, epochs_done: int) -> bool:
+        every = self.recipe.monitor.knn_every
+        return bool(self.knn) and (epochs_done % every == 0 or epochs_done == self.recipe.schedule.epochs)
+
+    def _knn(self, epochs_done: int) -> None:
+        accuracy = self.knn(_plain(self.accelerator, self.model))
+        self.knn_curve.append({"epoch": epochs_done, **accuracy})
+        updates = self.step.updates
+        self.accelerator.log({f"knn/{k}": v for k, v in accuracy.items()}, step=updates)
+        self.metrics.write({"kind": "knn", "epoch": epochs_done, "step": updates, **accuracy})
+        if self.main:
             tqdm.write(f"epoch {epochs_done}: k-NN top-1 " + ", ".join(f"{k} {v:.2f}%" for k, v in accuracy.items()))
-
-    # a stop signal ends the run at a step boundary, with a checkpoint of that step
-    with deferred_stops(), profiler or contextlib.nullcontext():
-        # a run stopped right after an epoch's checkpoint has not scored that epoch yet
-        if (start_epoch and not start_step and knn_due(start_epoch)
-                and start_epoch not in {r["epoch"] for r in knn_curve}):
-            knn_after(start_epoch)
-        for epoch in range(start_epoch, recipe.schedule.epochs):
-            model.train()
-            first = start_step if epoch == start_epoch else 0
-            loader.set_epoch(epoch, skip_batches=first)
-            if epoch == start_epoch and rng is not None:
-                checkpoint.set_rng_state(rng[accelerator.process_index % len(rng)])
-            speed.resume()
-            with tqdm(total=micro_steps, initial=first, desc=f"epoch {epoch + 1}/{recipe.schedule.epochs}",
-                      disable=not main, dynamic_ncols=True, leave=True) as bar:  # closed on any exception
-                for index, (views, labels) in enumerate(timed(loader), start=first):
-                    if index == micro_steps:
-                        break
-                    logged = (index + 1) % recipe.train.log_every == 0 or index + 1 == micro_steps
-                    loss, logs = step(views, labels, measure=logged)
-                    speed.update(images_per_step)
-                    if profiler:
-                        profiler.step()
-                    bar.update(1)
-                    if logged:
-                        skips.check(f"epoch {epoch + 1} step {index + 1}/{micro_steps}")
-                        row = _log_row(accelerator, logs, step, speed)
-                        spreads = "/".join(f"{row[k]:.2f}" for k in sorted(row) if k.startswith("spread/"))
-                        bar.set_postfix(loss=f"{row['loss']:.4f}", spread=spreads, lr=f"{step.lr:.3g}",
-                                        img_s=f"{row.get('images_per_second') or 0:.0f}")
-                        memory.sample()
-                        accelerator.log(row, step=step.updates)
-                        metrics.write({"kind": "train", "epoch": epoch + 1, "step": step.updates, **row})
-                        watch(row, step.updates)
-                    if index + 1 == micro_steps or not accelerator.sync_gradients:
-                        continue  # the epoch's end is handled below; a stop waits for the accumulation's end
-                    stop = stops.after_step()
-                    if stop or (every_steps and step.updates % every_steps == 0):
-                        save(epoch, step.updates, step_in_epoch=index + 1)
-                    if stop:
-                        raise Stopped(stop, f" at epoch {epoch + 1} step {index + 1}/{micro_steps}: checkpoint "
-                                            f"written ({step.updates} updates); resume with run.resume=auto")
-            speed.stop()
-            skips.check(f"the end of epoch {epoch + 1}")
-            stop = stops.now()
-            if stop or epoch + 1 == recipe.schedule.epochs or (epoch + 1) % recipe.run.checkpoint_every == 0:
-                save(epoch + 1, step.updates)
-            if stop:
-                raise Stopped(stop, f" after epoch {epoch + 1}: checkpoint written ({step.updates} updates); "
-                                    f"resume with run.resume=auto")
-            if knn_due(epoch + 1):
-                knn_after(epoch + 1)
-    accelerator.wait_for_everyone()
-    return TrainResult(_plain(accelerator, model), method, recipe.schedule.epochs, step.updates,
-                       speed.images_per_second, memory.peak_bytes(), memory.kind, memory.device_peak,
-                       len(loader.skipped),
-                       skips.check("the end of training"), knn_curve, _profile_report(recipe, profiler),
-                       getattr(loader, "classes", None))
 
 
 def _profiler(recipe: Recipe, accelerator: Accelerator, model) -> Optional[StepProfiler]:
@@ -383,7 +434,7 @@ def _profile_report(recipe: Recipe, profiler: Optional[StepProfiler]) -> Optiona
               "device": profiler.device_kind, "steps": profiler.profiled_steps, "skip": cfg.skip,
               "compiled": recipe.train.compile, "trace": str(profiler.trace), "parts_ms_per_step": profiler.parts}
     table = parts_table([{"method": recipe.method, "parts": profiler.parts}], "method")
-    write_results(profiler.out_dir / "profile.json", report)
+    write_json(profiler.out_dir / "profile.json", report)
     write_bytes(profiler.out_dir / "profile.md", table.encode())
     tqdm.write(f"where a step's time goes ({report['steps']} steps, {report['device']}; trace: {profiler.trace}):\n"
                + table)
@@ -547,8 +598,3 @@ def _resume(recipe: Recipe, model, optimizer, accelerator: Accelerator, loader):
         log.info("resumed from %s at epoch %d step %d (%d updates)", path, position[0] + (position[1] > 0),
                  position[1], position[2])
     return position
-
-
-def write_results(path: Path, results: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_bytes(path, (json.dumps(results, indent=2) + "\n").encode())

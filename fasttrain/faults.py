@@ -6,8 +6,10 @@
 * A process started by ``accelerate launch`` (or torchrun) dies with its launcher: the single-process
   launcher neither forwards SIGTERM nor kills its child, which would otherwise train on, orphaned,
   into a run dir a requeued job also uses.
-* Every file is written under ``.NAME.tmp-PID`` beside its final name and renamed over it when
-  complete; temp files of processes that no longer run are swept at the start of the next run.
+* Files are written atomically by ``fasttrain.files``.
+* A crash that is not a bug of this process (a loader worker or another process of the run killed) is
+  described in one line (``describe_crash``). The bottom layer: nothing here imports the rest of the
+  project.
 """
 from __future__ import annotations
 
@@ -109,61 +111,6 @@ def _die_with_parent() -> None:
         return
     if os.getppid() != parent:  # the launcher was gone before the request took effect
         raise Stopped(signal.SIGTERM)
-
-
-@contextlib.contextmanager
-def replacing(path: Path) -> Iterator[Path]:
-    """Yield a temp path beside ``path``; when the block completes it replaces ``path`` atomically,
-    when it fails (an error, a stop signal) it is removed and ``path`` is untouched. A write error
-    names the final file (a full disk raised from a file object names none)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except OSError as exc:
-        if exc.filename is not None and Path(exc.filename) != tmp:
-            raise
-        raise OSError(exc.errno, f"cannot write {path}: {exc.strerror or exc}", str(path)) from None
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_bytes(path: Path, data: bytes) -> None:
-    with replacing(path) as tmp:
-        tmp.write_bytes(data)
-
-
-def save_figure(fig, path: Path, dpi: int = 110) -> None:
-    """A matplotlib figure as PNG under a temp name, renamed when complete; the figure is closed."""
-    import matplotlib.pyplot as plt
-
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with replacing(Path(path)) as tmp:
-        fig.savefig(tmp, dpi=dpi, format="png")
-    plt.close(fig)
-
-
-def sweep_stale_temps(directory: Path, name: str = "*") -> list[Path]:
-    """Remove ``.NAME.tmp-PID`` files in ``directory`` whose writer process no longer runs."""
-    removed = []
-    for tmp in Path(directory).glob(f".{name}.tmp-*"):
-        pid = tmp.name.rsplit("-", 1)[1]
-        if pid.isdigit() and not _alive(int(pid)):
-            tmp.unlink(missing_ok=True)
-            removed.append(tmp)
-            log.warning("removed %s, left half-written by a process that no longer runs", tmp)
-    return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
 
 
 def describe_os_error(exc: OSError) -> str:
