@@ -160,7 +160,7 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor, gather: bool = True) -
 def supcon_loss(features: torch.Tensor, labels: Optional[torch.Tensor] = None, *, temperature: float = 0.1,
                 base_temperature: float = 0.07, anchor_views: Optional[Sequence[int]] = None,
                 gather: bool = True) -> torch.Tensor:
-    """Supervised contrastive loss over ``features [B, V, D]`` (L2-normalised), as DESIGN.md states.
+    """Supervised contrastive loss over ``features [B, V, D]`` (L2-normalised), as docs/design.md states.
 
     Every feature in an ``anchor_views`` column is an anchor; its contrast set is every other
     feature of the (globally gathered) batch; its positives are those with the same label (or the

@@ -1,4 +1,4 @@
-"""Is the run learning? Cheap signals read while it trains (DESIGN.md, "Learning is measured").
+"""Is the run learning? Cheap signals read while it trains (docs/design.md, "Learning is measured").
 
 * ``spread(z)``: the collapse metric of one exit, the standard deviation across the batch of the
   L2-normalised rows, averaged over dimensions, times sqrt(dim) (lightly's ``std_of_l2_normalized``,
@@ -69,7 +69,7 @@ class CollapseWatch:
         if pinned:
             what.append(f"loss {row['loss']:.4f} = log(N-1)*T/T_base = {self.loss_at_collapse:.4f}")
         message = (f"collapse at step {step} (since step {self.since}): {', '.join(what)}; every feature is "
-                   f"the same. See the README's 'Collapse' section")
+                   f"the same. See docs/collapse.md")
         self.warned = True
         if self.stop:
             raise CollapseError(message)

@@ -32,7 +32,7 @@ class ModelConfig(_Strict):
     width: int = Field(64, gt=0)  # channels of the stem and layer1 (torchvision's 64); stage i has width * 2**i
     proj_dim: int = Field(128, gt=0)
     # projection head: Linear-BN-ReLU-Linear (default: the official Linear-ReLU-Linear, `mlp`, collapses on
-    # small data, see the README's "Collapse"), or `linear`
+    # small data, see docs/collapse.md), or `linear`
     head: Literal[HEADS] = "mlp_bn"
     sync_bn: bool = False
     zero_init_residual: bool = False

@@ -6,7 +6,7 @@ One pipeline definition serves both devices: on CUDA the JPEGs are decoded by nv
 the GPU; without a GPU (the tests) it runs on the CPU with ``device_id=None``. Threads and the
 prefetch queue are ``data.dali.threads`` (default ``data.num_workers``) and ``data.dali.prefetch``.
 
-Design choices (see DESIGN.md, ``loaders/``):
+Design choices (see docs/design.md, ``loaders/``):
 
 * Labels. The file and label lists come from torchvision's ``ImageFolder`` scan and are passed
   to ``fn.readers.file(files=, labels=)``, so class indices are those of the torchvision

@@ -1,4 +1,4 @@
-"""What a loader is asked for, and what every backend gives back (DESIGN.md, `loaders/`).
+"""What a loader is asked for, and what every backend gives back (docs/design.md, `loaders/`).
 
 A backend yields ``(views, labels)``: ``views`` is a tuple of ``num_views`` image tensors
 ``[B, 3, H, W]`` already on the training device, normalised, channels_last when asked;

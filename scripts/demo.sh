@@ -6,5 +6,5 @@ cd "$(dirname "$0")/.."
 RECIPE=${1:-recipes/demo_selfcon.yaml}
 shift || true
 .venv/bin/python -m fasttrain.demo_data fashion_mnist data/fashion_mnist --train-per-class 1000
-# one CPU process needs no launcher, and without one the exit status is the trainer's own (README)
+# one CPU process needs no launcher, and without one the exit status is the trainer's own (docs/running.md)
 exec .venv/bin/python fasttrain/run.py "$RECIPE" "$@"

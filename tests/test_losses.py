@@ -8,7 +8,7 @@ from fasttrain.losses import cross_entropy, supcon_loss
 
 
 def reference_loss(features, labels, temperature, base_temperature, anchor_views=None):
-    """DESIGN.md's formula, one anchor at a time, in float64."""
+    """docs/design.md's formula, one anchor at a time, in float64."""
     batch, views, _ = features.shape
     z = features.double()
     anchor_views = range(views) if anchor_views is None else anchor_views

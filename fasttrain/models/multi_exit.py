@@ -42,7 +42,7 @@ class ProjectionHead(nn.Sequential):
     ``mlp``: Linear d->d, ReLU, Linear d->proj_dim (the official SupCon/SelfCon head).
     ``mlp_bn``: the same with BatchNorm on the hidden layer (SimCLR v2, MoCo v3). It keeps the
     hidden units centred across the batch, so projections of different images do not start
-    (and cannot end) all alike: see the README's "Collapse" section for why that matters here.
+    (and cannot end) all alike: see docs/collapse.md for why that matters here.
     ``linear``: Linear d->proj_dim.
     ``none``: the exit's feature itself, L2-normalised (the official CDS code).
     """
