@@ -45,6 +45,20 @@ def wait_for_steps(run_dir: Path, proc, timeout=300):
     raise AssertionError(f"no training step logged (exit {proc.poll()})")
 
 
+def wait_for_torch_import(proc, timeout=120) -> None:
+    """Until ``proc`` has started importing torch (its shared library is mapped): a moment inside
+    the start-up, reached by observation rather than a fixed sleep."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if "libtorch" in Path(f"/proc/{proc.pid}/maps").read_text():
+                return
+        except OSError:
+            pass
+        time.sleep(0.01)
+    raise AssertionError(f"the process never imported torch (exit {proc.poll()})")
+
+
 def trainers_of(recipe: Path) -> list[int]:
     """Pids of the training processes started with this recipe (the launcher excluded)."""
     pids = []
@@ -81,7 +95,7 @@ def test_sigterm_stops_a_training_with_one_line_and_its_checkpoint_intact(tmp_pa
     # outside the training loop (here: in the middle of start-up) a stop is immediate, and says so
     proc = subprocess.Popen([PYTHON, "fasttrain/run.py", str(recipe), f"run.dir={tmp_path / 'other'}"], cwd=REPO,
                             env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(1.5)
+    wait_for_torch_import(proc)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143 and "Traceback" not in err
@@ -259,7 +273,7 @@ def test_ctrl_c_during_start_up_is_one_line(tmp_path, data):
     proc = subprocess.Popen([PYTHON, "fasttrain/run.py", str(write_recipe(tmp_path, data))], cwd=REPO, env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    time.sleep(1.0)  # inside the imports of torch, accelerate and pydantic
+    wait_for_torch_import(proc)  # inside the imports of torch, accelerate and pydantic
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "Traceback" not in err

@@ -32,7 +32,8 @@ def test_the_kit_dry_run_runs_every_part_and_reports_their_numbers(tmp_path):
         f"host_syncs/{m}": 0 for m in ("ce", "supcon", "supcon_s", "selfcon", "selfcon_m", "dsn", "cds", "simclr",
                                         "mixco")}
     demo = json.loads((out / "demo" / "results.json").read_text())
-    assert demo["knn"] and demo["linear_eval"]["exits"]["backbone"]["top1"] >= 0
+    # 10 classes told apart by colour: the linear evaluation is far above chance (10%)
+    assert demo["knn"] and demo["linear_eval"]["exits"]["backbone"]["top1"] > 30
     assert not (out / "data").exists()  # the generated images are removed
     assert "| selftest | ok |" in (out / "kit.md").read_text()
 
