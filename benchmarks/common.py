@@ -26,7 +26,7 @@ def recipe_for(tree: dict, overrides: Sequence[str] = ()):
 
     from pydantic import ValidationError
 
-    from fasttrain.recipe import Recipe, RecipeError, apply_override
+    from fasttrain.recipe import Recipe, RecipeError, apply_override, describe_error
 
     tree = copy.deepcopy(tree)
     for assignment in overrides:
@@ -34,9 +34,7 @@ def recipe_for(tree: dict, overrides: Sequence[str] = ()):
     try:
         return Recipe.model_validate(tree)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        key = ".".join(str(p) for p in first["loc"]) or "recipe"
-        raise RecipeError(f"benchmark recipe: {key}: {first['msg']}") from None
+        raise RecipeError(f"benchmark recipe: {describe_error(exc)}") from None
 
 
 class SyntheticStep(NamedTuple):

@@ -16,8 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from fasttrain.errors import RecipeError
 from fasttrain.methods import METHODS, Objective
 from fasttrain.models import ARCHS, EXIT_KINDS, EXIT_POINTS, HEADS, STEMS
-from loaders import BACKENDS
-from loaders.spec import TORCHVISION_ONLY, DataConfig
+from loaders import BACKENDS, unsupported
+from loaders.spec import DataConfig
 
 
 class _Strict(BaseModel):
@@ -195,9 +195,11 @@ class Recipe(_Strict):
         views = self.data.view_augments
         if views is not None and len(views) != method.num_views:
             raise ValueError(f"data.view_augments={list(views)}: method={self.method} has {method.num_views} view(s)")
-        if views and self.loader != "torchvision" and set(views) & set(TORCHVISION_ONLY):
-            raise ValueError(f"data.view_augments={list(views)}: the padded-crop views are made by loader=torchvision "
-                             f"only")
+        key = (f"data.view_augments={list(views)}" if views else f"method={self.method} (its views)" if method.views
+               else f"data.augment={self.data.augment}")
+        why = unsupported(self.loader, self.data, views or method.views or (self.data.augment,), key)
+        if why:
+            raise ValueError(why)
         if method.uses_subnetwork and not self.model.exits:
             raise ValueError(f"model.exits is empty but method={self.method} needs a sub-network exit")
         step_batch = self.train.batch_size % self.train.grad_accum_steps
@@ -233,9 +235,10 @@ def apply_override(tree: dict, assignment: str) -> None:
     node[parts[-1]] = value
 
 
-def _describe(error: ValidationError) -> str:
+def describe_error(error: ValidationError) -> str:
+    """A schema error as one line: the key, what is wrong, the value given."""
     first = error.errors()[0]
-    key = ".".join(str(p) for p in first["loc"]) or "recipe"
+    key = ".".join(str(p) for p in first["loc"])
     if first["type"] == "extra_forbidden":
         return f"{key}: unknown key"
     if first["type"] == "missing":
@@ -244,7 +247,7 @@ def _describe(error: ValidationError) -> str:
     shown = "" if isinstance(value, dict) else f" (got {value!r})"
     message = first["msg"].removeprefix("Value error, ")
     more = f" [and {len(error.errors()) - 1} more]" if len(error.errors()) > 1 else ""
-    return f"{key}: {message}{shown}{more}"
+    return f"{key}: {message}{shown}{more}" if key else f"{message}{more}"  # a whole-recipe check names its keys
 
 
 def _merge(base: dict, top: dict) -> dict:
@@ -305,7 +308,7 @@ def load_recipe(path: Union[str, Path], overrides: Sequence[str] = ()) -> Recipe
     try:
         return Recipe.model_validate(tree)
     except ValidationError as exc:
-        raise RecipeError(f"{path}: {_describe(exc)}") from None
+        raise RecipeError(f"{path}: {describe_error(exc)}") from None
 
 
 def dump_recipe(recipe: Recipe) -> str:

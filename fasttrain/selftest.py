@@ -205,7 +205,7 @@ def installed(backend: str) -> str | None:
     import importlib
     from loaders import BACKENDS as MODULES
     try:
-        importlib.import_module(MODULES[backend])
+        importlib.import_module(MODULES[backend].module)
     except ImportError as exc:
         return f"not installed ({exc})"
     return None

@@ -7,19 +7,36 @@
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
 
 from loaders.spec import DataConfig, Loader, LoaderError, LoaderRequest, require_path
 
-# name -> module with a ``build(cfg, req) -> Loader``; imported on use, so optional backends
-# (ffcv, dali) cost nothing when they are not installed.
+# batches a backend decodes ahead of the step: torchvision per worker, ffcv's batches_ahead (DALI's
+# queue is data.dali.prefetch)
+TORCHVISION_PREFETCH_FACTOR, FFCV_BATCHES_AHEAD = 4, 3
+_ALL_AUGMENTS = frozenset({"contrastive", "simclr", "basic", "center", "padcrop_cutout", "padcrop_contrastive"})
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A loader backend, registered once with what it can do; the recipe refuses the rest at load time."""
+    module: str  # has ``build(cfg, req) -> Loader``; imported on use, so ffcv and dali cost nothing uninstalled
+    source: Optional[str]  # what a split's path is: an image folder ("dir"), a .beton ("file"), nothing
+    augments: frozenset  # the augmentations it makes
+    progressive: bool = False  # data.progressive (ffcv-imagenet's resolution ramp)
+    extra: str = ""  # the pip extra that installs it
+
+
 BACKENDS = {
-    "torchvision": "loaders.torchvision_loader",
-    "ffcv": "loaders.ffcv_loader",
-    "dali": "loaders.dali_loader",
-    "synthetic": "loaders.synthetic",
+    "torchvision": Backend("loaders.torchvision_loader", "dir", _ALL_AUGMENTS),
+    "ffcv": Backend("loaders.ffcv_loader", "file", frozenset({"contrastive", "basic", "center"}), progressive=True,
+                    extra="ffcv"),
+    "dali": Backend("loaders.dali_loader", "dir", frozenset({"contrastive", "simclr", "basic", "center"}),
+                    extra="dali"),
+    "synthetic": Backend("loaders.synthetic", None, _ALL_AUGMENTS),
 }
 
 
@@ -27,15 +44,23 @@ def build_loader(backend: str, cfg: DataConfig, req: LoaderRequest) -> Loader:
     if backend not in BACKENDS:
         raise LoaderError(f"loader={backend!r}: unknown backend (choose from {', '.join(BACKENDS)})")
     try:
-        module = importlib.import_module(BACKENDS[backend])
+        module = importlib.import_module(BACKENDS[backend].module)
     except ImportError as exc:  # the optional dependency itself is missing
         raise LoaderError(f"loader={backend}: {exc} (install it with: pip install -e '.[{backend}]')") from exc
     return module.build(cfg, req)
 
 
-# batches a backend decodes ahead of the step: torchvision per worker, ffcv's batches_ahead (DALI's
-# queue is data.dali.prefetch)
-TORCHVISION_PREFETCH_FACTOR, FFCV_BATCHES_AHEAD = 4, 3
+def unsupported(backend: str, cfg: DataConfig, augments, key: str) -> Optional[str]:
+    """Why ``backend`` cannot make what a recipe asks for (one line naming ``key``, where ``augments``
+    come from), or None."""
+    spec = BACKENDS[backend]
+    missing = sorted(set(augments) - spec.augments)
+    if missing:
+        return (f"{key}: loader={backend} does not make the {', '.join(missing)} augmentation (the torchvision "
+                f"loader makes every one)")
+    if cfg.progressive and not spec.progressive:
+        return f"data.progressive: read only by loader=ffcv; loader={backend} would train at data.image_size"
+    return None
 
 
 def prefetch_batches(backend: str, cfg: DataConfig) -> int:
@@ -45,14 +70,10 @@ def prefetch_batches(backend: str, cfg: DataConfig) -> int:
             "ffcv": FFCV_BATCHES_AHEAD}.get(backend, 0)
 
 
-# what each backend reads from a split's path: an image folder, a .beton file, nothing
-SOURCES = {"torchvision": "dir", "ffcv": "file", "dali": "dir", "synthetic": None}
-
-
 def check_split(backend: str, cfg: DataConfig, split: str) -> None:
     """The split's path is there and of the kind the backend reads, or a LoaderError naming its key."""
-    if SOURCES.get(backend):
-        require_path(getattr(cfg, split), f"data.{split}", kind=SOURCES[backend])
+    if BACKENDS[backend].source:
+        require_path(getattr(cfg, split), f"data.{split}", kind=BACKENDS[backend].source)
 
 
 def shard(num_items: int, rank: int, world_size: int) -> range:
@@ -68,5 +89,5 @@ def subset_indices(num_items: int, subset: Optional[int], seed: int) -> np.ndarr
     return np.sort(np.random.default_rng(seed).choice(num_items, size=subset, replace=False))
 
 
-__all__ = ["BACKENDS", "SOURCES", "DataConfig", "Loader", "LoaderError", "LoaderRequest", "build_loader",
-           "check_split", "prefetch_batches", "shard", "subset_indices"]
+__all__ = ["BACKENDS", "Backend", "DataConfig", "Loader", "LoaderError", "LoaderRequest", "build_loader",
+           "check_split", "prefetch_batches", "shard", "subset_indices", "unsupported"]

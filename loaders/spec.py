@@ -21,10 +21,9 @@ from fasttrain.errors import LoaderError  # a data problem: one line, exit statu
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-# padcrop_*: the official CDS CIFAR views (a 4-pixel padded random crop instead of a resized one), the
-# torchvision backend only
+# padcrop_*: the official CDS CIFAR views (a 4-pixel padded random crop instead of a resized one); which
+# backend makes which augmentation is registered in loaders.BACKENDS
 Augment = Literal["contrastive", "simclr", "basic", "center", "padcrop_cutout", "padcrop_contrastive"]
-TORCHVISION_ONLY = ("padcrop_cutout", "padcrop_contrastive")
 # ColorJitter (brightness, contrast, saturation, hue) applied with p=0.8, then grayscale p=0.2:
 # SupCon/SelfCon's strength, and SimCLR's (which adds a Gaussian blur, see blur_kernel)
 COLOUR_STRENGTH = {"contrastive": (0.4, 0.4, 0.4, 0.1), "simclr": (0.8, 0.8, 0.8, 0.2)}

@@ -87,3 +87,17 @@ def test_linear_evaluation_steps_at_its_milestones():
     factors = [_factor(cfg, u, 100, 10) for u in range(100)]
     assert factors[59] == 1 and factors[60] == pytest.approx(0.1) and factors[80] == pytest.approx(0.01)
     assert _factor(LinearEvalConfig(epochs=10), 50, 100, 10) == pytest.approx(0.5)  # the cosine by default
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["loader=ffcv", "data.augment=simclr"], "data.augment=simclr: loader=ffcv does not make the simclr augmentation"),
+    (["loader=dali", "data.progressive={min_size: 160}"], "data.progressive: read only by loader=ffcv"),
+    (["loader=torchvision", "data.progressive={min_size: 160}"], "data.progressive: read only by loader=ffcv"),
+    (["loader=dali", "method=cds", "model.exits=[layer1]", "model.exit_kind=sepconv",
+      "data.view_augments=[padcrop_cutout, padcrop_contrastive]"],
+     "loader=dali does not make the padcrop_contrastive, padcrop_cutout augmentation"),
+])
+def test_a_backend_is_refused_at_load_time_what_it_cannot_make(overrides, message):
+    from fasttrain.recipe import RecipeError
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(REPO / "recipes" / "demo_selfcon.yaml", overrides)
