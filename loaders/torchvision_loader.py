@@ -10,17 +10,22 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torchvision import transforms as T
 
 from loaders import TORCHVISION_PREFETCH_FACTOR, shard, subset_indices
+from loaders.device_stage import DeviceColour
 from loaders.spec import (BLUR_P, BLUR_SIGMA, COLOUR_STRENGTH, DataConfig, LoaderError, LoaderRequest, blur_kernel,
                           image_folder, load_rgb, output_dtype, require_path, split_classes, to_device)
 
 log = logging.getLogger(__name__)
 
 
-def build_transform(cfg: DataConfig, augment: str) -> T.Compose:
+def build_transform(cfg: DataConfig, augment: str, host_colour: bool = True) -> T.Compose:
     """The official SupCon/SelfCon augmentations (contrastive), SimCLR's (stronger colour and a blur),
-    plain crop+flip (basic), or center crop."""
+    plain crop+flip (basic), or center crop. ``host_colour`` False: the crops only, as uint8 tensors
+    (the device stage adds the colour and the normalisation)."""
     size = cfg.image_size
-    tail = [T.ToTensor(), T.Normalize(cfg.mean, cfg.std)]
+    tail = [T.ToTensor(), T.Normalize(cfg.mean, cfg.std)] if host_colour else [T.PILToTensor()]
+    if not host_colour and augment in ("basic", "contrastive", "simclr"):
+        return T.Compose([T.RandomResizedCrop(size, scale=cfg.crop_scale, ratio=cfg.crop_ratio),
+                          T.RandomHorizontalFlip(), *tail])
     if augment == "center":
         return T.Compose([T.Resize(int(round(size / cfg.val_resize_ratio))), T.CenterCrop(size), *tail])
     if augment == "padcrop_cutout":  # the official CDS CIFAR view read by the classifier
@@ -37,6 +42,15 @@ def build_transform(cfg: DataConfig, augment: str) -> T.Compose:
     if augment == "simclr":
         color.append(T.RandomApply([T.GaussianBlur(blur_kernel(size), BLUR_SIGMA)], p=BLUR_P))
     return T.Compose([*crop, *color, *tail])
+
+
+def device_stages(cfg: DataConfig, req: LoaderRequest):
+    """One DeviceColour per view when data.colour_stage puts the colour on the device, else None. The
+    padded-crop views keep their host pipeline (Cutout sits between the colour and the normalisation)."""
+    on_device = cfg.colour_stage == "device" or (cfg.colour_stage == "auto" and req.device.type == "cuda")
+    if not on_device or any(a.startswith("padcrop") for a in req.augments):
+        return None
+    return [DeviceColour(a, cfg.image_size, cfg.mean, cfg.std) for a in req.augments]
 
 
 class Cutout:
@@ -110,7 +124,9 @@ class TorchvisionLoader:
         key = f"data.{req.split}"
         root = require_path(getattr(cfg, req.split), key)
         folder = image_folder(root, key, split_classes(cfg, req.split))
-        dataset = TolerantImageFolder(folder, [build_transform(cfg, a) for a in req.augments], req.training)
+        self.stages = device_stages(cfg, req)  # per view, or None: the workers colour and normalise
+        dataset = TolerantImageFolder(folder, [build_transform(cfg, a, self.stages is None) for a in req.augments],
+                                      req.training)
         self.req, self.dtype, self.root = req, output_dtype(cfg), root
         self.num_classes = len(dataset.folder.classes)
         self.classes = dataset.folder.classes
@@ -160,8 +176,12 @@ class TorchvisionLoader:
                     raise LoaderError(f"data.{self.req.split}: no readable image in {self.root}")
                 continue
             yielded += 1
-            yield (tuple(to_device(v, self.req, self.dtype) for v in views),
-                   labels.to(self.req.device, non_blocking=True))
+            if self.stages is None:
+                views = tuple(to_device(v, self.req, self.dtype) for v in views)
+            else:  # uint8 crosses to the device, the colour and the normalisation run there
+                views = tuple(to_device(stage(to_device(v, self.req, torch.uint8)), self.req, self.dtype)
+                              for stage, v in zip(self.stages, views))
+            yield views, labels.to(self.req.device, non_blocking=True)
         if not yielded and len(self.loader):
             raise LoaderError(f"data.{self.req.split}: no readable image in {self.root}")
 
