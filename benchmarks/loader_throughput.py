@@ -22,9 +22,11 @@ cannot run here (not installed, LoaderError, a crash) is recorded as unavailable
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 
 from benchmarks.common import (backend_source, bar_chart, markdown_table, run_worker, summarize,  # noqa: E402
@@ -46,6 +48,8 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=1, help="batches drawn before timing")
     p.add_argument("--dali-decode", choices=("once", "per_view"), default="once",
                    help="data.dali.decode: two views from one decode, or one fused crop-decode per view")
+    p.add_argument("--colour-stage", choices=("auto", "device", "host"), default="auto",
+                   help="data.colour_stage of the torchvision loader: colour and normalisation on the device")
     p.add_argument("--timeout", type=float, default=900, help="seconds allowed per measurement")
     p.add_argument("--no-ceiling", dest="ceiling", action="store_false",
                    help="skip the decode + crop ceiling (benchmarks/decode_ceiling.py)")
@@ -85,7 +89,7 @@ def measure(args) -> dict:
            "workers": args.workers, "image_size": args.image_size, "device": str(device),
            "dali_decode": args.dali_decode if args.backend == "dali" else None}
     cfg = DataConfig(train=args.source, image_size=args.image_size, num_workers=args.workers, augment="contrastive",
-                     crop_scale=CROP_SCALE, dali={"decode": args.dali_decode})
+                     crop_scale=CROP_SCALE, dali={"decode": args.dali_decode}, colour_stage=args.colour_stage)
     req = LoaderRequest(split="train", batch_size=args.batch_size, augment="contrastive", num_views=args.num_views,
                         device=device, seed=0)
     start = time.perf_counter()
@@ -118,6 +122,7 @@ def measure(args) -> dict:
     sync()
     warmup_seconds = time.perf_counter() - start
     times, images = [], 0
+    cpu_before = host_cpu_seconds()
     began = last = time.perf_counter()
     for _ in range(args.batches):
         views, labels = next(stream)
@@ -129,19 +134,53 @@ def measure(args) -> dict:
         last = now
         images += labels.shape[0]
     elapsed = last - began
+    cpu_per_image = (host_cpu_seconds() - cpu_before) / images
     stats = summarize(times)
     return {**row, "available": True, "reason": None, "dataset_images": loader.num_samples,
             "images_per_second": images / elapsed, "crops_per_second": images * args.num_views / elapsed,
             "batch_time_median_s": stats["median"], "batch_time_iqr_s": stats["iqr"], "timed_batches": args.batches,
             "warmup_batches": args.warmup, "build_seconds": build_seconds, "warmup_seconds": warmup_seconds,
             "skipped_images": len(loader.skipped), "view_dtype": str(views[0].dtype),
-            "view_shape": list(views[0].shape)}
+            "view_shape": list(views[0].shape),
+            # the host's CPU time (this process and its loader workers) per image, and what it implies
+            "host_cpu_seconds_per_image": cpu_per_image, "host_cores_for_3000_images_per_second": cpu_per_image * 3000,
+            "bytes_to_device_per_image": transfer_bytes(loader, args)}
+
+
+def host_cpu_seconds() -> float:
+    """CPU time (user + system) of this process and of every live process it started (loader workers):
+    read from /proc, since RUSAGE_CHILDREN counts only children that have ended."""
+    import resource
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    total = usage.ru_utime + usage.ru_stime
+    ticks = os.sysconf("SC_CLK_TCK")
+    me = str(os.getpid())
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[1] == me:  # fields after the name: state, ppid, ...; utime and stime are 14th and 15th overall
+            total += (int(fields[11]) + int(fields[12])) / ticks
+    return total
+
+
+def transfer_bytes(loader, args) -> Optional[int]:
+    """Bytes per image that cross from the host to the device, where the backend says: the torchvision
+    loader's uint8 crops (device stage) or float32 images; None where decoding already ran on the device
+    (DALI mixed) or the backend does not say."""
+    stages = getattr(loader, "stages", "unknown")
+    if stages == "unknown":
+        return None
+    per_view = 3 * args.image_size ** 2 * (1 if stages else 4)
+    return per_view * args.num_views
 
 
 def worker_args(args, backend: str, source: Path, views: int) -> list:
     return ["--data", args.data, "--backend", backend, "--source", source, "--num-views", views,
             "--workers", args.workers, "--batch-size", args.batch_size, "--image-size", args.image_size,
-            "--batches", args.batches, "--warmup", args.warmup, "--dali-decode", args.dali_decode]
+            "--batches", args.batches, "--warmup", args.warmup, "--dali-decode", args.dali_decode,
+            "--colour-stage", args.colour_stage]
 
 
 # ---------------------------------------------------------------- the report
@@ -191,7 +230,18 @@ def table(rows: list[dict], args, ceiling: dict) -> str:
              f"{args.batches} timed. "
              f"images/s counts images (a 2-view batch holds two crops of each); "
              f"'batch' is the median (± IQR) time per batch.")
-    return title + "\n\n" + markdown_table(header, body) + "\n"
+    return title + "\n\n" + markdown_table(header, body) + "\n\n" + host_table(rows) + "\n"
+
+
+def host_table(rows: list[dict]) -> str:
+    """What feeding costs the host: CPU time per image (the process and its workers), the cores that
+    3,000 images/s (a ResNet-50 on one H100/H200) would need, and the bytes per image sent to the device."""
+    body = [[r["backend"], r["num_views"], f"{r['host_cpu_seconds_per_image'] * 1000:.2f}",
+             f"{r['host_cores_for_3000_images_per_second']:.1f}",
+             "–" if r.get("bytes_to_device_per_image") is None else f"{r['bytes_to_device_per_image'] / 1024:.0f} KiB"]
+            for r in rows if r.get("available") and "host_cpu_seconds_per_image" in r]
+    return markdown_table(["backend", "views", "host CPU ms / image", "host cores for 3,000 img/s",
+                           "to the device / image"], body)
 
 
 def main(argv=None) -> int:

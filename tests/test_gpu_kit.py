@@ -19,14 +19,16 @@ def test_the_kit_dry_run_runs_every_part_and_reports_their_numbers(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     kit = json.loads((out / "kit.json").read_text())
     parts = {p["name"]: p["status"] for p in kit["parts"]}
-    assert parts == {name: "ok" for name in ("selftest", "step_cost", "throughput", "host_syncs", "demo",
-                                             "loss_scaling")}
+    assert parts == {name: "ok" for name in ("selftest", "step_cost", "throughput", "loader_fed", "host_syncs",
+                                             "demo", "loss_scaling")}
     results = kit["results"]
     for method in gpu_kit.DRY.methods:
         assert results[f"step_cost/{method}"]["images_per_second"] > 0
     assert results["step_cost/selfcon"]["time_ratio_to_selfcon"] == 1
     assert results["train_throughput/selfcon/torchvision"]["ratio_to_synthetic"] > 0
     assert results["trainer_overhead"]["trainer_over_bare"] > 0
+    for stage in ("device", "host"):  # the torchvision loader with its colour on either side
+        assert results[f"loader_fed/{stage}/torchvision"]["ratio_to_synthetic"] > 0
     # the trainer's step reads nothing back from the device when its logs are not read
     assert {k: v["python_reads_per_step"] for k, v in results.items() if k.startswith("host_syncs/")} == {
         f"host_syncs/{m}": 0 for m in ("ce", "supcon", "supcon_s", "selfcon", "selfcon_m", "dsn", "cds", "simclr",
