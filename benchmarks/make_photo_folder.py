@@ -36,6 +36,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter
 
+from fasttrain.errors import UserError
+from fasttrain.faults import one_line_errors
+
 PACKAGES = ("lomiri-wallpapers-16.04", "mate-backgrounds", "plasma-workspace-wallpapers")
 ROOTS = (Path("/usr/share/backgrounds"), Path("/usr/share/wallpapers"))
 MIN_ENTROPY = 6.0  # bits of the 256-level luminance histogram
@@ -213,20 +216,20 @@ def main(argv=None) -> int:
             p.error(f"--{key.replace('_', '-')} must be >= 1")
     if args.val_per_class < 0 or not 1 <= args.quality <= 100:
         p.error("--val-per-class must be >= 0 and --quality within 1..100")
+    return one_line_errors("make_photo_folder", lambda: _make(args))
+
+
+def _make(args) -> int:
     if not candidates():
-        print(f"make_photo_folder: no wallpapers under {' or '.join(map(str, ROOTS))}: "
-              f"apt-get install {' '.join(PACKAGES)}", file=sys.stderr)
-        return 2
+        raise UserError(f"no wallpapers under {' or '.join(map(str, ROOTS))}: apt-get install {' '.join(PACKAGES)}")
     if args.out.exists() and any(args.out.iterdir()) and not args.force:
-        print(f"make_photo_folder: {args.out} exists and is not empty (pass --force to replace it)", file=sys.stderr)
-        return 2
+        raise UserError(f"{args.out} exists and is not empty (pass --force to replace it)")
     try:
         manifest = build(args.out, classes=args.classes, per_class=args.per_class, val_per_class=args.val_per_class,
                          size=args.size, quality=args.quality, sources_per_class=args.sources_per_class,
                          seed=args.seed)
-    except ValueError as exc:
-        print(f"make_photo_folder: {exc}", file=sys.stderr)
-        return 2
+    except ValueError as exc:  # too few usable wallpapers for the classes asked
+        raise UserError(str(exc)) from None
     total = args.classes * (args.per_class + args.val_per_class)
     print(f"[make_photo_folder] wrote {total} JPEGs in {args.classes} classes to {args.out} "
           f"({len(manifest['rejected'])} wallpapers rejected, see sources.json)")

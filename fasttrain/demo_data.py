@@ -23,13 +23,16 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from fasttrain.errors import UserError
+from fasttrain.faults import one_line_errors
+
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 FASHION_CLASSES = ("t-shirt_top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
                    "ankle_boot")
 DONE = "demo_data.json"
 
 
-class SourceError(Exception):
+class SourceError(UserError):
     """The source data is not installed: one line saying what to install."""
 
 
@@ -126,11 +129,11 @@ def main(argv=None) -> int:
     parser.add_argument("--val-per-class", type=int, default=None, help="images per class (default: all)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    try:
-        summary = build(args.dataset, args.out, args.train_per_class, args.val_per_class, args.seed)
-    except SourceError as exc:
-        print(f"demo_data: error: {exc}", file=sys.stderr)
-        return 2
+    return one_line_errors("demo_data", lambda: _build(args))
+
+
+def _build(args) -> int:
+    summary = build(args.dataset, args.out, args.train_per_class, args.val_per_class, args.seed)
     print(f"{args.out}: {summary['images']['train']} train / {summary['images']['val']} val JPEGs, "
           f"{len(summary['classes'])} classes")
     return 0

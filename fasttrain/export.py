@@ -91,20 +91,17 @@ def main(argv=None) -> int:
     parser.add_argument("out", metavar="OUT", type=Path, help="the torchvision state dict to write (.pt)")
     parser.add_argument("--exits", action="store_true", help="also write the sub-networks and heads (OUT.exits.pt)")
     args = parser.parse_args(argv)
-    from fasttrain.faults import describe_os_error
-    from fasttrain.errors import UserError
+    from fasttrain.faults import one_line_errors
+
+    return one_line_errors("fasttrain.export", lambda: _export(args))
+
+
+def _export(args) -> int:
+    from fasttrain.errors import CheckpointError
 
     if not args.checkpoint.is_file():
-        print(f"fasttrain.export: error: CHECKPOINT: no such file: {args.checkpoint}", file=sys.stderr)
-        return 2
-    try:
-        summary = export(args.checkpoint, args.out, args.exits)
-    except UserError as exc:
-        print(f"fasttrain.export: error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        print(f"fasttrain.export: error: {describe_os_error(exc)}", file=sys.stderr)
-        return 1
+        raise CheckpointError(f"CHECKPOINT: no such file: {args.checkpoint}")
+    summary = export(args.checkpoint, args.out, args.exits)
     fc = f"fc of {summary['num_classes']} classes" if summary["num_classes"] else "no fc"
     print(f"wrote {', '.join(map(str, summary['written']))} ({summary['arch']}, {fc}). "
           f"Load it with:\n  {summary['load']}")

@@ -8,8 +8,10 @@
   into a run dir a requeued job also uses.
 * Files are written atomically by ``fasttrain.files``.
 * A crash that is not a bug of this process (a loader worker or another process of the run killed) is
-  described in one line (``describe_crash``). The bottom layer: nothing here imports the rest of the
-  project.
+  described in one line (``describe_crash``).
+* Every command fails the same way (``one_line_errors``): one line, an exit status, no traceback.
+
+The bottom layer: nothing here imports the rest of the project but ``fasttrain.errors``.
 """
 from __future__ import annotations
 
@@ -20,7 +22,9 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
+
+from fasttrain.errors import UserError
 
 log = logging.getLogger("fasttrain")
 _PR_SET_PDEATHSIG = 1
@@ -139,3 +143,36 @@ def describe_crash(exc: BaseException) -> Optional[str]:
     if isinstance(exc, getattr(dist, "DistBackendError", ())) or any(m in text for m in _PEER_DIED):
         return f"another process of this run stopped ({text[:160]}); this one stops too"
     return None
+
+
+def one_line_errors(prog: str, body: Callable[[], int], *, kept: str = "", crashes: bool = False) -> int:
+    """Every command's way to fail: run ``body`` (its exit status) and turn what a user can act on
+    into one line on stderr and an exit status, no traceback. A UserError (a key, flag, path or file)
+    or a missing file: 2; another OSError (disk full, no permission): 1; a stop signal: 128 + its
+    number; Ctrl-C: 130. ``kept``: what the line adds about what survives (e.g. "; the last
+    checkpoint is intact"). ``crashes``: a loader worker's or another process's death
+    (describe_crash) is one line and 1 too; any other exception is a bug, and its traceback is what
+    to report."""
+    try:
+        return body()
+    except UserError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as exc:  # a path given that is not there
+        print(f"{prog}: error: {describe_os_error(exc)}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"{prog}: error: {describe_os_error(exc)}{kept}", file=sys.stderr)
+        return 1
+    except Stopped as stop:
+        print(f"{prog}: stopped by {stop.name}{stop.detail or kept}", file=sys.stderr)
+        return stop.exit_code
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted{kept}", file=sys.stderr)
+        return 130
+    except RuntimeError as exc:
+        why = describe_crash(exc) if crashes else None
+        if why is None:
+            raise
+        print(f"{prog}: error: {why}{kept}", file=sys.stderr)
+        return 1

@@ -11,8 +11,8 @@ branches on the method.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Callable, Literal, NamedTuple, Optional, Sequence
+from dataclasses import dataclass, field
+from typing import Callable, Literal, Mapping, NamedTuple, Optional, Sequence
 
 import torch
 
@@ -29,6 +29,23 @@ class Layout(NamedTuple):
     mix_lambda: Optional[torch.Tensor] = None
 
 
+@dataclass(frozen=True)
+class LossOption:
+    """A loss setting beyond the temperatures that some methods read (``loss.<name>`` in a recipe).
+    Declared here once: the recipe's schema, the check that a method reads it, and the default all
+    follow from this table and the methods' ``options``."""
+    doc: str
+    positive: bool = False  # > 0; else >= 0
+
+
+LOSS_OPTIONS = {
+    "alpha": LossOption("paper Eq. 7: L = (L_sup(backbone) + alpha L_self(sub-networks)) / (1 + alpha)"),
+    "aux_weight": LossOption("dsn: each exit's cross-entropy weight; cds: lambda, each exit's contrast weight"),
+    "mix_temperature": LossOption("mixco: the mix-up term's temperature (default: loss.temperature)", positive=True),
+    "mix_weight": LossOption("mixco: the mix-up term's weight"),
+}
+
+
 LossFn = Callable[["Objective", EncoderOutput, torch.Tensor, Layout, bool], "tuple[torch.Tensor, dict]"]
 
 
@@ -42,9 +59,8 @@ class Method:
     classifiers: Literal["none", "backbone", "every_exit"]  # trained jointly with the encoder
     evaluation: Literal["linear", "classifier"]  # linear: frozen encoder; classifier: the trained ones (1-stage)
     summary: str
-    options: tuple[str, ...] = ()  # the loss settings beyond temperatures it reads (loss.alpha, loss.aux_weight, ...)
-    aux_weight: Optional[float] = None  # default of loss.aux_weight
-    alpha: Optional[float] = None  # default of loss.alpha
+    # the LOSS_OPTIONS it reads, with their defaults (None: unset unless the recipe sets it)
+    options: Mapping[str, Optional[float]] = field(default_factory=dict)
     labels: bool = True  # False: labels never reach the loss (self-supervised)
     views: Optional[tuple[str, ...]] = None  # each view's augmentation; None: data.augment for every view
     mix: bool = False  # the batch builder appends mix-ups of each view (MixCo)
@@ -79,7 +95,8 @@ def _supcon_family(obj: "Objective", out: EncoderOutput, labels, layout: Layout,
     backbone = [c for c in columns if c % num_exits == num_exits - 1]
     subnet = [c for c in columns if c % num_exits != num_exits - 1]
     terms = dict(temperature=obj.temperature, base_temperature=obj.base_temperature, gather=obj.gather)
-    if obj.alpha is None:
+    alpha = obj.options.get("alpha")
+    if alpha is None:
         per_anchor, valid = supcon_terms(features, labels, **terms)
         loss = masked_mean(per_anchor, valid, obj.gather)
         logs = {f"loss/{name}": masked_mean(per_anchor[:, e::num_exits].detach(), valid[:, e::num_exits], obj.gather)
@@ -88,7 +105,7 @@ def _supcon_family(obj: "Objective", out: EncoderOutput, labels, layout: Layout,
         sup, sup_valid = supcon_terms(features[:, backbone], labels, **terms)
         sub, sub_valid = supcon_terms(features, labels, anchor_views=subnet, **terms)
         sup, sub = masked_mean(sup, sup_valid, obj.gather), masked_mean(sub, sub_valid, obj.gather)
-        loss = (sup + obj.alpha * sub) / (1 + obj.alpha)
+        loss = (sup + alpha * sub) / (1 + alpha)
         logs = {"loss/backbone": sup.detach(), "loss/subnetworks": sub.detach()}
     if not detail:
         return loss, {"loss": loss.detach()}
@@ -100,7 +117,7 @@ def _dsn(obj: "Objective", out: EncoderOutput, labels, layout: Layout, detail: b
     """Deeply-supervised nets: CE(backbone classifier) + w * sum of CE(classifier of each exit)."""
     names = exit_names(len(out.features))
     per_exit = [cross_entropy(logits, labels, obj.label_smoothing) for logits in (*out.sub_logits, out.logits)]
-    loss = per_exit[-1] + obj.aux_weight * sum(per_exit[:-1])
+    loss = per_exit[-1] + obj.options["aux_weight"] * sum(per_exit[:-1])
     if not detail:
         return loss, {"loss": loss.detach()}
     logs = {f"loss/ce/{n}": exit_loss.detach() for n, exit_loss in zip(names, per_exit)}
@@ -119,7 +136,7 @@ def _cds(obj: "Objective", out: EncoderOutput, labels, layout: Layout, detail: b
     contrast = [supcon_loss(z.unflatten(0, (layout.views, batch)).transpose(0, 1), obj.contrast_labels(labels),
                             temperature=obj.temperature, base_temperature=obj.base_temperature, gather=obj.gather)
                 for z in out.projections]
-    loss = ce + obj.aux_weight * sum(contrast)
+    loss = ce + obj.options["aux_weight"] * sum(contrast)
     if not detail:
         return loss, {"loss": loss.detach()}
     logs = {"loss/ce": ce.detach(), **{f"loss/contrast/{n}": c.detach() for n, c in zip(names, contrast)}}
@@ -138,8 +155,8 @@ def _mixco(obj: "Objective", out: EncoderOutput, labels, layout: Layout, detail:
                        base_temperature=obj.base_temperature, gather=obj.gather)
     first = torch.arange(half, device=z.device)
     mix = sum(mix_contrast_loss(mixes[v], views[1 - v], layout.mix_lambda[v], first, first + half,
-                                temperature=obj.mix_temperature, gather=obj.gather) for v in (0, 1)) / 2
-    loss = base + obj.mix_weight * mix
+                                temperature=obj.options["mix_temperature"], gather=obj.gather) for v in (0, 1)) / 2
+    loss = base + obj.options["mix_weight"] * mix
     if not detail:
         return loss, {"loss": loss.detach()}
     return loss, {"loss": loss.detach(), "loss/ntxent": base.detach(), "loss/mix": mix.detach(),
@@ -149,7 +166,7 @@ def _mixco(obj: "Objective", out: EncoderOutput, labels, layout: Layout, detail:
 _SUPCON = dict(loss=_supcon_family, contrastive=True, classifiers="none", evaluation="linear")
 # CDS's views differ (official code): view 1, read by the classifier, is crop + flip; view 2 adds colour
 _CDS = dict(num_views=2, uses_subnetwork=True, loss=_cds, contrastive=True, classifiers="backbone",
-            evaluation="classifier", options=("aux_weight",), aux_weight=0.1, views=("basic", "contrastive"),
+            evaluation="classifier", options={"aux_weight": 0.1}, views=("basic", "contrastive"),
             temperature=0.07, base_temperature=0.07)  # CIFAR/loss.py: SupConLoss(0.07, base 0.07)
 # SimCLR and MixCo as MixCo's official simclr/ code: NT-Xent at T = 0.5, no base-temperature rescaling
 _NT_XENT = dict(temperature=0.5, base_temperature=None)
@@ -158,19 +175,19 @@ METHODS = {m.name: m for m in (
            summary="cross-entropy on the backbone classifier"),
     Method("supcon", 2, False, **_SUPCON, summary="SupCon: 2 augmented views, backbone exit"),
     Method("supcon_s", 1, False, **_SUPCON, summary="SupCon-S: 1 view, backbone exit"),
-    Method("selfcon", 1, True, **_SUPCON, options=("alpha",), summary="SelfCon: 1 view, every exit"),
-    Method("selfcon_m", 2, True, **_SUPCON, options=("alpha",), summary="SelfCon-M: 2 views, every exit"),
+    Method("selfcon", 1, True, **_SUPCON, options={"alpha": None}, summary="SelfCon: 1 view, every exit"),
+    Method("selfcon_m", 2, True, **_SUPCON, options={"alpha": None}, summary="SelfCon-M: 2 views, every exit"),
     Method("dsn", 1, True, _dsn, contrastive=False, classifiers="every_exit", evaluation="classifier",
-           options=("aux_weight",), aux_weight=1.0,
+           options={"aux_weight": 1.0},
            summary="DSN: 1 view, a cross-entropy classifier on every exit"),
     Method("simclr", 2, False, **_SUPCON, **_NT_XENT, labels=False,
            summary="SimCLR: NT-Xent between 2 views, no labels"),
-    Method("selfcon_su", 1, True, **_SUPCON, labels=False, options=("alpha",), alpha=1.0,
+    Method("selfcon_su", 1, True, **_SUPCON, labels=False, options={"alpha": 1.0},
            summary="SelfCon, self-supervised: 1 view, every exit, no backbone-anchor/sub-network pairs"),
-    Method("selfcon_mu", 2, True, **_SUPCON, labels=False, options=("alpha",), alpha=1.0,
+    Method("selfcon_mu", 2, True, **_SUPCON, labels=False, options={"alpha": 1.0},
            summary="SelfCon-M, self-supervised: 2 views, every exit, no backbone-anchor/sub-network pairs"),
     Method("mixco", 2, False, _mixco, contrastive=True, classifiers="none", evaluation="linear", labels=False,
-           mix=True, **_NT_XENT, options=("mix_temperature", "mix_weight"),
+           mix=True, **_NT_XENT, options={"mix_temperature": None, "mix_weight": 1.0},
            summary="MixCo on SimCLR: NT-Xent plus a soft InfoNCE of mix-ups of the batch"),
     Method("cds", **_CDS, summary="CDS: 2 views, CE on the backbone + SupCon between the views at every exit"),
     Method("cds_ssl", **_CDS, labels=False,
@@ -201,44 +218,40 @@ def stack_exits(projections: Sequence[torch.Tensor], num_views: int) -> torch.Te
     return per_exit.transpose(0, 1).flatten(1, 2)
 
 
-@dataclass(frozen=True)
 class Objective:
     """Given (model, views, labels), the loss of a method and what to log per exit. The method
-    checks its own settings here, once (the recipe turns a ValueError into its one-line error)."""
+    checks its own settings here, once (the recipe turns a ValueError into its one-line error).
+    ``options``: the LOSS_OPTIONS the method reads (others are refused); unset ones take the
+    method's defaults. ``gather``: contrast against every process's batch (False: each process's
+    own, as some official code)."""
 
-    method: Method
-    temperature: Optional[float] = None  # default: the method's
-    base_temperature: Optional[float] = None  # default: the method's
-    label_smoothing: float = 0.0
-    alpha: Optional[float] = None  # paper Eq. 7; needs a sub-network
-    aux_weight: Optional[float] = None  # dsn: weight of each exit's CE; cds: lambda of each exit's contrast
-    mix_temperature: Optional[float] = None  # mixco: of the mix-up term (default: loss.temperature, as official)
-    mix_weight: Optional[float] = None  # mixco: of the mix-up term (default 1, as official)
-    gather: bool = True  # contrast against every process's batch (False: each process's own, as some official code)
+    def __init__(self, method: Method, *, temperature: Optional[float] = None,
+                 base_temperature: Optional[float] = None, label_smoothing: float = 0.0, gather: bool = True,
+                 **options: Optional[float]):
+        self.method, self.label_smoothing, self.gather = method, label_smoothing, gather
+        self.temperature = method.temperature if temperature is None else temperature
+        if base_temperature is None:  # the method's; None there: the same as temperature (NT-Xent)
+            base_temperature = method.base_temperature or self.temperature
+        self.base_temperature = base_temperature
+        self.options = self._options({k: v for k, v in options.items() if v is not None})
 
-    def __post_init__(self):
-        if self.temperature is None:
-            object.__setattr__(self, "temperature", self.method.temperature)
-        if self.base_temperature is None:
-            object.__setattr__(self, "base_temperature", self.method.base_temperature or self.temperature)
-        for option in ("alpha", "aux_weight", "mix_temperature", "mix_weight"):
-            value = getattr(self, option)
-            if value is not None and option not in self.method.options:
+    def _options(self, given: dict) -> dict:
+        method = self.method
+        for option, value in given.items():
+            if option not in LOSS_OPTIONS:
+                raise ValueError(f"loss.{option}: unknown, choose from {', '.join(LOSS_OPTIONS)}")
+            if option not in method.options:
                 users = ", ".join(m.name for m in METHODS.values() if option in m.options)
-                raise ValueError(f"loss.{option}={value}: not read by method={self.method.name} (only by {users})")
-            if value is not None and value < 0:
-                raise ValueError(f"loss.{option}={value} must be >= 0")
-        defaults = dict(aux_weight=self.method.aux_weight, alpha=self.method.alpha)
-        if self.method.mix:
-            defaults.update(mix_temperature=self.temperature, mix_weight=1.0)
-            if self.mix_temperature == 0:
-                raise ValueError("loss.mix_temperature=0 must be positive")
-        for option, value in defaults.items():
-            if getattr(self, option) is None and value is not None:
-                object.__setattr__(self, option, value)
-        if self.alpha == 0 and not self.method.labels and self.method.num_views == 1:
-            raise ValueError(f"loss.alpha=0 leaves method={self.method.name} without a loss (one view, no labels: "
+                raise ValueError(f"loss.{option}={value}: not read by method={method.name} (only by {users})")
+            if value < 0 or (value == 0 and LOSS_OPTIONS[option].positive):
+                raise ValueError(f"loss.{option}={value} must be {'>' if LOSS_OPTIONS[option].positive else '>='} 0")
+        options = {k: v for k, v in method.options.items() if v is not None} | given
+        if "mix_temperature" in method.options:  # the official MixCo: the mix-up term at the same T
+            options.setdefault("mix_temperature", self.temperature)
+        if options.get("alpha") == 0 and not method.labels and method.num_views == 1:
+            raise ValueError(f"loss.alpha=0 leaves method={method.name} without a loss (one view, no labels: "
                              f"only the sub-network term has positives)")
+        return options
 
     def __call__(self, model, views: Sequence[torch.Tensor], labels: torch.Tensor, detail: bool = True):
         """The loss and what to log: ``loss``, and with ``detail`` (a step whose logs are read) the
@@ -261,21 +274,33 @@ class Objective:
         """The labels a contrastive term may read: none for a self-supervised method."""
         return labels if self.method.labels else None
 
+    def anchors_with_positive(self, contrast_batch: int, num_classes: int) -> float:
+        """The expected share of anchors that have a positive, classes drawn uniformly: 1 where a second
+        view or a sub-network gives every anchor one; for one view and the backbone alone (SupCon-S),
+        the chance that another image of the ``contrast_batch`` shares its class. An anchor without a
+        positive adds nothing to the loss (and at 0 the loss is 0 and nothing learns)."""
+        method = self.method
+        if not method.contrastive or method.num_views > 1 or method.uses_subnetwork or not method.labels:
+            return 1.0
+        return 1 - (1 - 1 / num_classes) ** (contrast_batch - 1)
+
     def loss_at_collapse(self, global_batch: int, num_exits: int) -> Optional[float]:
         """The loss when every feature is the same (None where a cross-entropy term makes it unknown)."""
         views = self.method.num_views
         if self.method.loss is _mixco:  # the soft InfoNCE of a uniform softmax over the batch: log(B)
             return (collapse_value(global_batch * views, self.temperature, self.base_temperature)
-                    + self.mix_weight * math.log(global_batch))
+                    + self.options["mix_weight"] * math.log(global_batch))
         if self.method.loss is not _supcon_family:
             return None
         value = collapse_value(global_batch * views * num_exits, self.temperature, self.base_temperature)
-        if self.alpha is None:
+        alpha = self.options.get("alpha")
+        if alpha is None:
             return value
         # backbone anchors have no positive with one view and no labels: that term is 0
         has_positive = self.method.labels or views > 1
         backbone = collapse_value(global_batch * views, self.temperature, self.base_temperature) if has_positive else 0
-        return (backbone + self.alpha * value) / (1 + self.alpha)
+        return (backbone + alpha * value) / (1 + alpha)
 
 
-__all__ = ["METHODS", "Layout", "Method", "Objective", "build_batch", "get_method", "stack_exits"]
+__all__ = ["LOSS_OPTIONS", "METHODS", "Layout", "LossOption", "Method", "Objective", "build_batch", "get_method",
+           "stack_exits"]

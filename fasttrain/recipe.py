@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Literal, Optional, Sequence, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
 from fasttrain.errors import RecipeError
-from fasttrain.methods import METHODS, Objective
+from fasttrain.methods import LOSS_OPTIONS, METHODS, Objective
 from fasttrain.models import ARCHS, EXIT_KINDS, EXIT_POINTS, HEADS, STEMS
 from loaders import BACKENDS, unsupported
 from loaders.spec import DataConfig
@@ -28,17 +28,17 @@ class ModelConfig(_Strict):
     arch: Literal[tuple(ARCHS)] = "resnet50"
     stem: Literal[STEMS] = "imagenet"
     exits: list[Literal[EXIT_POINTS]] = ["layer2"]  # used only by methods with a sub-network
-    exit_kind: Literal[EXIT_KINDS] = "fc"
+    exit_kind: Literal[tuple(EXIT_KINDS)] = "fc"
     width: int = Field(64, gt=0)  # channels of the stem and layer1 (torchvision's 64); stage i has width * 2**i
     proj_dim: int = Field(128, gt=0)
     # projection head: Linear-BN-ReLU-Linear (default: the official Linear-ReLU-Linear, `mlp`, collapses on
     # small data, see docs/collapse.md), or `linear`
-    head: Literal[HEADS] = "mlp_bn"
+    head: Literal[tuple(HEADS)] = "mlp_bn"
     sync_bn: bool = False
     zero_init_residual: bool = False
 
 
-class LossConfig(_Strict):
+class _LossSettings(_Strict):
     # default: the method's, as its paper's official code (SupCon family 0.1 / 0.07; CDS 0.07 / 0.07;
     # SimCLR and MixCo 0.5, no base-temperature rescaling)
     temperature: Optional[float] = Field(None, gt=0)
@@ -47,10 +47,12 @@ class LossConfig(_Strict):
     # ImageNet and MixCo code do; the effective batch then depends on the number of processes)
     gather: bool = True
     label_smoothing: float = Field(0.0, ge=0, lt=1)
-    alpha: Optional[float] = Field(None, ge=0)  # paper Eq. 7 interpolation
-    aux_weight: Optional[float] = Field(None, ge=0)  # dsn: each exit's CE weight (1); cds: lambda (0.1)
-    mix_temperature: Optional[float] = Field(None, gt=0)  # mixco: the mix-up term's (default: temperature)
-    mix_weight: Optional[float] = Field(None, ge=0)  # mixco: the mix-up term's weight (1)
+
+
+# the settings some methods read (alpha, aux_weight, ...), declared once in methods.LOSS_OPTIONS
+LossConfig = create_model("LossConfig", __base__=_LossSettings, **{
+    name: (Optional[float], Field(None, description=option.doc, **({"gt": 0} if option.positive else {"ge": 0})))
+    for name, option in LOSS_OPTIONS.items()})
 
 
 class OptimConfig(_Strict):
@@ -212,8 +214,8 @@ class Recipe(_Strict):
 def objective(recipe: Recipe) -> Objective:
     loss = recipe.loss
     return Objective(METHODS[recipe.method], temperature=loss.temperature, base_temperature=loss.base_temperature,
-                     label_smoothing=loss.label_smoothing, alpha=loss.alpha, aux_weight=loss.aux_weight,
-                     mix_temperature=loss.mix_temperature, mix_weight=loss.mix_weight, gather=loss.gather)
+                     label_smoothing=loss.label_smoothing, gather=loss.gather,
+                     **{name: getattr(loss, name) for name in LOSS_OPTIONS})
 
 
 def apply_override(tree: dict, assignment: str) -> None:

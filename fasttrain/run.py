@@ -28,22 +28,16 @@ intact."""
 
 
 def main(argv=None) -> int:
-    from fasttrain.faults import Stopped, stop_on_signals  # the standard library only
+    from fasttrain.faults import one_line_errors, stop_on_signals  # the standard library only
 
-    try:  # a stop is one line from the first import on
+    def body() -> int:  # a stop is one line from the first import on
         stop_on_signals()
         return _main(argv)
-    except KeyboardInterrupt:
-        print("fasttrain: interrupted; the last checkpoint is intact", file=sys.stderr)
-        return 130
-    except Stopped as stop:
-        print(f"fasttrain: stopped by {stop.name}{stop.detail or '; the last checkpoint is intact'}", file=sys.stderr)
-        return stop.exit_code
+
+    return one_line_errors("fasttrain", body, kept="; the last checkpoint is intact", crashes=True)
 
 
 def _main(argv) -> int:
-    from fasttrain.faults import describe_crash, describe_os_error
-
     parser = argparse.ArgumentParser(description=__doc__, epilog=EXIT_CODES,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("recipe", help="recipe YAML file (recipes/*.yaml)")
@@ -73,28 +67,15 @@ def _main(argv) -> int:
         logging.getLogger(ours).setLevel(logging.INFO)
     warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated.*")
     from fasttrain.monitors import CollapseError, NonFiniteLossError
-    from fasttrain.errors import UserError
     from fasttrain.recipe import load_recipe
 
     try:
         recipe = load_recipe(args.recipe, args.overrides)
         knn_options = dict(k=args.knn_k, temperature=args.knn_temperature, bank=args.knn_bank) if args.knn else None
         results = run(recipe, args.eval_only, random_init=args.random_init, knn=knn_options)
-    except UserError as exc:
-        print(f"fasttrain: error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:  # the system refused a file operation: disk full, no permission
-        print(f"fasttrain: error: {describe_os_error(exc)}; the last checkpoint is intact", file=sys.stderr)
-        return 1
     except (CollapseError, NonFiniteLossError) as exc:
         print(f"fasttrain: stopped: {exc}; the last checkpoint is intact", file=sys.stderr)
         return 3
-    except RuntimeError as exc:
-        why = describe_crash(exc)
-        if why is None:
-            raise  # a bug: its traceback is what to report
-        print(f"fasttrain: error: {why}; the last checkpoint is intact", file=sys.stderr)
-        return 1
     if results is not None:
         print(format_table(results))
     return 0

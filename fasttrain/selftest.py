@@ -236,12 +236,18 @@ def main(argv=None) -> int:
     parser.add_argument("--data", type=Path, help="an image folder with train/ and val/ (default: made here)")
     parser.add_argument("--out", type=Path, default=Path("selftest.json"))
     args = parser.parse_args(argv)
+    from fasttrain.faults import one_line_errors
 
+    return one_line_errors("fasttrain selftest", lambda: _selftest(args))
+
+
+def _selftest(args) -> int:
     import os
     import torch
+    from fasttrain.errors import UserError
+
     if args.device == "cuda" and not torch.cuda.is_available():
-        print("fasttrain selftest: error: --device cuda: no CUDA device is visible", file=sys.stderr)
-        return 2
+        raise UserError("--device cuda: no CUDA device is visible")
     if args.device == "cpu":
         os.environ["ACCELERATE_USE_CPU"] = "1"
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
@@ -253,8 +259,7 @@ def main(argv=None) -> int:
         work = Path(tmp)
         data = args.data or make_folder(work / "images")
         if args.data and not (data / "train").is_dir():
-            print(f"fasttrain selftest: error: --data {data}: needs train/ and val/ image folders", file=sys.stderr)
-            return 2
+            raise UserError(f"--data {data}: needs train/ and val/ image folders")
         missing = {b: installed(b) for b in BACKENDS}
         ready = [b for b in BACKENDS if missing[b] is None]
         split_paths = sources(data, ready, work)

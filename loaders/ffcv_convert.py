@@ -4,11 +4,14 @@
         [--jpeg-quality 90] [--write-mode proportion|jpg|raw] [--num-workers N] [--subset K] [--verify]
 
 Fields: ``image`` (RGBImageField) and ``label`` (IntField, torchvision ImageFolder's class_to_idx, so
-every backend agrees on labels). Unreadable images are found before writing (every file is decoded,
-JPEGs at 1/8 scale, which still reads the whole entropy-coded stream), skipped and named in one
-warning. The file is written under ``.OUT.tmp-<pid>`` and renamed at the end (after ``--verify``), so
-an interrupted (Ctrl-C, SIGTERM) or failed conversion never leaves a file under the final name, and
-removes its temp file and shared memory; temp files of killed conversions are swept on the next start.
+every backend agrees on labels; ``--classes-from TRAIN_DIR`` numbers them by the training split's
+class folders). Beside ``OUT.beton``, ``OUT.classes.json`` lists the class names the labels index:
+the loader refuses a validation .beton whose classes differ from the training split's. Unreadable
+images are found before writing (every file is decoded, JPEGs at 1/8 scale, which still reads the
+whole entropy-coded stream), skipped and named in one warning. The file is written under
+``.OUT.tmp-<pid>`` and renamed at the end (after ``--verify``), so an interrupted (Ctrl-C, SIGTERM)
+or failed conversion never leaves a file under the final name, and removes its temp file and shared
+memory; temp files of killed conversions are swept on the next start.
 ``--subset K`` keeps the first K files in ImageFolder order (as ffcv-imagenet does), before unreadable
 ones are dropped.
 """
@@ -32,8 +35,9 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from fasttrain.faults import Stopped, stop_on_signals
-from fasttrain.files import replacing, sweep_stale_temps
+from fasttrain.errors import UserError
+from fasttrain.faults import one_line_errors, stop_on_signals
+from fasttrain.files import replacing, sweep_stale_temps, write_json
 from loaders.spec import load_rgb
 
 _TORCH_THREADS = torch.get_num_threads()
@@ -45,7 +49,7 @@ log = logging.getLogger(__name__)
 WRITE_MODES = ("proportion", "jpg", "raw")
 
 
-class ConvertInputError(ValueError):
+class ConvertInputError(UserError, ValueError):
     """Unusable input (source folder, output path, option): the CLI prints it and exits 2."""
 
 
@@ -190,7 +194,7 @@ def convert(src, out, *, max_resolution: int = 512, compress_probability: float 
     sweep_stale_temps(out.parent, out.name)
 
     start = time.perf_counter()  # after the imports (ffcv + numba take seconds)
-    from loaders.spec import LoaderError, class_names, image_folder
+    from loaders.spec import LoaderError, class_names, classes_file, image_folder
     try:
         classes = class_names(Path(classes_from).expanduser()) if classes_from else None
         folder = image_folder(src, "SRC_DIR", classes)
@@ -218,6 +222,7 @@ def convert(src, out, *, max_resolution: int = 512, compress_probability: float 
         writer.from_indexed_dataset(_ImageDataset(good), chunksize=chunk)
         if verify_output:
             verify(tmp, [label for _, label in good])
+    write_json(classes_file(out), list(folder.classes))  # what the labels index: loaders check the splits agree
     seconds = time.perf_counter() - start
     return {"out": str(out), "images": len(good), "classes": len(folder.classes), "skipped": skipped,
             "bytes": out.stat().st_size, "seconds": seconds, "images_per_s": len(good) / seconds,
@@ -241,22 +246,17 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     stop_on_signals()
+    return one_line_errors("convert", lambda: _convert(a), kept=f"; nothing written to {a.out}")
+
+
+def _convert(a) -> int:
     try:
         s = convert(a.src, a.out, max_resolution=a.max_resolution, compress_probability=a.compress_probability,
                     jpeg_quality=a.jpeg_quality, write_mode=a.write_mode, num_workers=a.num_workers,
                     subset=a.subset, verify_output=a.verify, classes_from=a.classes_from)
-    except ConvertInputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except (RuntimeError, OSError) as exc:  # a worker died, --verify failed, disk full, no permission
-        print(f"error: conversion failed, nothing written to {a.out}: {exc}", file=sys.stderr)
+    except RuntimeError as exc:  # a worker died, --verify failed
+        print(f"convert: error: conversion failed, nothing written to {a.out}: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(f"interrupted, nothing written to {a.out}", file=sys.stderr)
-        return 130
-    except Stopped as stop:
-        print(f"stopped by {stop.name}, nothing written to {a.out}", file=sys.stderr)
-        return stop.exit_code
     print(f"wrote {s['out']}: {s['images']} images, {s['classes']} classes, {len(s['skipped'])} skipped, "
           f"{s['bytes'] / 2**20:.1f} MiB, {s['seconds']:.1f} s, {s['images_per_s']:.0f} images/s"
           + (", verified" if s["verified"] else ""))

@@ -59,8 +59,8 @@ torch.set_num_threads(_TORCH_THREADS)
 
 # first-party imports after the third-party ffcv ones, which must follow the thread count's capture above
 from loaders import FFCV_BATCHES_AHEAD, shard, subset_indices  # noqa: E402
-from loaders.spec import (COLOUR_STRENGTH, DataConfig, LoaderError, LoaderRequest, output_dtype, require_path,  # noqa: E402
-                          to_device)
+from loaders.spec import (COLOUR_STRENGTH, DataConfig, LoaderError, LoaderRequest, beton_classes,  # noqa: E402
+                          output_dtype, require_path, split_classes, to_device)
 
 log = logging.getLogger(__name__)
 _NUMBA_DISPATCHER = os.path.join("numba", "core", "dispatcher.py")
@@ -216,7 +216,47 @@ def _open_beton(path: Path, key: str) -> Reader:
         raise LoaderError(f"{key}: {path} has fields {list(fields)}; expected 'image' (RGB) and 'label' (int)")
     if reader.num_samples == 0:
         raise LoaderError(f"{key}: {path} holds no samples")
+    _check_image_bytes(reader, path, key)
     return reader
+
+
+def _check_image_bytes(reader: Reader, path: Path, key: str, samples: int = 32) -> None:
+    """A few images spread over the file, read as stored: a JPEG must start with its marker, and raw
+    images must not all be zeros. ffcv decodes overwritten bytes to garbage without a word (a copy cut
+    short and zero-filled, a disk error): caught here in milliseconds rather than after an epoch."""
+    meta = reader.metadata["f0"]
+    picks = np.unique(np.linspace(0, len(meta) - 1, min(samples, len(meta))).astype(np.int64))
+    raw_zero = raw = 0
+    with open(path, "rb") as f:
+        for index in picks:
+            mode, width, height, ptr = (int(meta[index][k]) for k in ("mode", "width", "height", "data_ptr"))
+            f.seek(ptr)
+            if mode == 0 and f.read(3) != b"\xff\xd8\xff":  # ffcv's IMAGE_MODES: jpg 0, raw 1
+                raise LoaderError(f"{key}: {path}: image {index} is stored as a JPEG but its bytes are not one "
+                                  f"(zeroed or overwritten): convert the folder again")
+            if mode == 1:
+                raw += 1
+                raw_zero += not any(f.read(width * height * 3))
+    if raw and raw_zero == raw:
+        raise LoaderError(f"{key}: {path}: every raw image read ({raw}) is all zeros (zeroed or overwritten): "
+                          f"convert the folder again")
+
+
+def _check_classes(cfg: DataConfig, split: str, path: Path, key: str) -> Optional[list[str]]:
+    """This split's class list, checked against the training split's: a validation .beton converted
+    from a folder that lacks a class (or has an extra one) numbers every later class differently."""
+    own = beton_classes(path)
+    train = split_classes(cfg, split) if split != "train" else None
+    if own is None or train is None or own == train:
+        if own is None and train is not None:
+            log.warning("%s: %s has no .classes.json beside it (converted by an earlier fasttrain): its labels "
+                        "cannot be checked against the training split's classes", key, path)
+        return own
+    missing, extra = sorted(set(train) - set(own)), sorted(set(own) - set(train))
+    what = "; ".join(p for p in (f"missing {', '.join(missing)}" if missing else "",
+                                 f"extra {', '.join(extra)}" if extra else "") if p) or "numbered in another order"
+    raise LoaderError(f"{key}: {path} holds other classes than the training split ({what}): convert it again "
+                      f"with --classes-from TRAIN_DIR")
 
 
 class FFCVLoader:
@@ -227,7 +267,8 @@ class FFCVLoader:
                               "or loader=dali")
         reader = _open_beton(getattr(cfg, req.split), key)
         self.cfg, self.req, self.dtype = cfg, req, output_dtype(cfg)
-        self.num_classes = int(reader.metadata["f1"].max()) + 1
+        self.classes = _check_classes(cfg, req.split, Path(reader.file_name), key)
+        self.num_classes = len(self.classes) if self.classes else int(reader.metadata["f1"].max()) + 1
         self.skipped: set[str] = set()  # unreadable files were left out by ffcv_convert
         self.epoch = self.skip_batches = 0
         self._cuda = req.device.type == "cuda"  # the GPU-only branch: ToDevice, normalisation on the device

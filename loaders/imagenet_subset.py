@@ -16,6 +16,9 @@ import shutil
 import sys
 from pathlib import Path
 
+from fasttrain.errors import UserError
+from fasttrain.faults import one_line_errors
+
 IMAGENET100 = """
 n02869837 n01749939 n02488291 n02107142 n13037406 n02091831 n04517823 n04589890 n03062245 n01773797
 n01735189 n07831146 n07753275 n03085013 n04485082 n02105505 n01983481 n02788148 n03530642 n04435653
@@ -32,7 +35,7 @@ CLASS_LISTS = {"imagenet100": IMAGENET100}
 SPLITS = ("train", "val")
 
 
-class SubsetError(ValueError):
+class SubsetError(UserError, ValueError):
     """Unusable input: the CLI prints it in one line and exits 2."""
 
 
@@ -77,11 +80,11 @@ def main(argv=None) -> int:
     parser.add_argument("out", metavar="OUT")
     parser.add_argument("--classes", default="imagenet100", help="imagenet100 (default) or a file of WordNet ids")
     args = parser.parse_args(argv)
-    try:
-        summary = build_subset(Path(args.source), Path(args.out), read_classes(args.classes))
-    except SubsetError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return one_line_errors("imagenet_subset", lambda: _build(args))
+
+
+def _build(args) -> int:
+    summary = build_subset(Path(args.source), Path(args.out), read_classes(args.classes))
     print(f"wrote {summary['out']}: train/ and val/ with {summary['classes']} linked class folders")
     return 0
 

@@ -8,6 +8,7 @@ which augmentation to apply to each (one for all, or one per view); it never kno
 from __future__ import annotations
 
 import functools
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -273,13 +274,34 @@ def load_rgb(path: str):
         return image.convert("RGB")
 
 
-def split_classes(cfg: "DataConfig", split: str) -> Optional[list[str]]:
-    """The class list every split of ``cfg`` is numbered by: the training split's class folders (None
-    where the training split is no folder: a .beton, synthetic data)."""
-    train = cfg.train
-    if train is None or not Path(train).expanduser().is_dir():
+def classes_file(beton: Path) -> Path:
+    """Where ``ffcv_convert`` writes the class names a .beton's labels index: ``X.classes.json`` beside ``X.beton``."""
+    return Path(beton).with_suffix(".classes.json")
+
+
+def beton_classes(beton: Path) -> Optional[list[str]]:
+    """The class names a .beton's labels index; None for one written without them."""
+    path = classes_file(beton)
+    if not path.is_file():
         return None
-    return class_names(Path(train).expanduser())
+    try:
+        names = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise LoaderError(f"{path}: not a readable class list ({exc})") from None
+    if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+        raise LoaderError(f"{path}: not a list of class names")
+    return names
+
+
+def split_classes(cfg: "DataConfig", split: str) -> Optional[list[str]]:
+    """The class list every split of ``cfg`` is numbered by: the training split's class folders, or the
+    class list beside its .beton (None where it has neither: synthetic data, a .beton of an earlier
+    fasttrain)."""
+    train = cfg.train
+    if train is None:
+        return None
+    train = Path(train).expanduser()
+    return class_names(train) if train.is_dir() else beton_classes(train) if train.is_file() else None
 
 
 def to_device(x: torch.Tensor, req: LoaderRequest, dtype: torch.dtype) -> torch.Tensor:

@@ -347,6 +347,19 @@ def test_step_checkpoints_keep_the_newest_and_a_broken_latest_falls_back(tmp_pat
     warning = [r.getMessage() for r in caplog.records if "resuming from" in r.getMessage()]
     assert len(warning) == 1 and "not a readable checkpoint" in warning[0]
     assert warning[0].endswith(f"resuming from {run_dir / 'checkpoint-00000004.pt'}, the newest readable one")
+    assert not [r for r in caplog.records if "have a positive" in r.getMessage()]  # batch 4, 3 classes: 70 %
+
+
+def test_a_supcon_s_batch_that_rarely_holds_a_positive_is_warned_at_start(tmp_path, data, caplog):
+    from fasttrain.recipe import load_recipe
+    from fasttrain.run import run
+
+    recipe = write_recipe(tmp_path, data, "supcon_s", train={"precision": "fp32", "batch_size": 2,
+                                                             "max_steps_per_epoch": 1},
+                          linear_eval={"enabled": False}, monitor={"knn_every": 0}, run={"dir": str(tmp_path / "r")})
+    run(load_recipe(recipe))
+    warning = [r.getMessage() for r in caplog.records if "have a positive" in r.getMessage()]
+    assert len(warning) == 1 and "2 images per contrast and 3 classes, only about 33%" in warning[0]
 
 
 def test_the_stop_signals_are_the_recipes(monkeypatch):

@@ -1,5 +1,6 @@
 """The FFCV backend on CPU: conversion (labels, skips, atomic output, CLI), loading (labels, crops,
 views, colour augmentation, sharding, progressive resizing, bad files) and the numba noise filter."""
+import json
 import os
 import subprocess
 import sys
@@ -263,6 +264,43 @@ def test_bad_files_are_one_line_errors(folder, tmp_path):
         with pytest.raises(LoaderError, match=message) as info:
             ffcv(path)
         assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_zeroed_image_bytes_are_refused_at_load(folder, tmp_path):
+    from ffcv.reader import Reader
+
+    for mode in ("jpg", "raw"):
+        out = tmp_path / f"{mode}.beton"
+        ffcv_convert.convert(folder, out, num_workers=1, write_mode=mode)
+        assert len(ffcv(out)) > 0  # intact: loads
+        table = Reader(str(out)).alloc_table  # (sample, ptr, size) of every stored field value
+        with open(out, "r+b") as f:
+            for _, ptr, size in table[table["ptr"] != 0][["sample_id", "ptr", "size"]].tolist():
+                f.seek(int(ptr))
+                f.write(bytes(int(size)))
+        with pytest.raises(LoaderError, match=f"{out}: .*(not one|all zeros).*convert the folder again"):
+            ffcv(out)
+
+
+def test_a_validation_beton_with_other_classes_is_refused(tmp_path, caplog):
+    train = make_image_folder(tmp_path / "train", classes=3, per_class=2)
+    val = make_image_folder(tmp_path / "val", classes=3, per_class=2)
+    (val / "class_01").rename(tmp_path / "gone")  # val lacks a class: converted alone, its labels shift
+    for src, name in ((train, "train"), (val, "val")):
+        assert ffcv_convert.main([str(src), str(tmp_path / f"{name}.beton"), "--num-workers", "1"]) == 0
+    assert json.loads((tmp_path / "train.classes.json").read_text()) == ["class_00", "class_01", "class_02"]
+    cfg = DataConfig(train=tmp_path / "train.beton", val=tmp_path / "val.beton", image_size=32, num_workers=1)
+    with pytest.raises(LoaderError, match=r"val.beton holds other classes than the training split \(missing "
+                                          r"class_01\): convert it again with --classes-from TRAIN_DIR"):
+        ffcv(None, cfg=cfg)
+    (tmp_path / "gone").rename(val / "class_01")
+    numbered = tmp_path / "numbered.beton"
+    assert ffcv_convert.main([str(val), str(numbered), "--num-workers", "1", "--classes-from", str(train)]) == 0
+    loader = ffcv(None, cfg=cfg.model_copy(update={"val": numbered}))
+    assert loader.classes == ["class_00", "class_01", "class_02"] and loader.num_classes == 3
+    (tmp_path / "numbered.classes.json").unlink()  # an earlier fasttrain's conversion: warned, not refused
+    assert ffcv(None, cfg=cfg.model_copy(update={"val": numbered})).num_classes == 3
+    assert any("cannot be checked" in r.getMessage() for r in caplog.records)
 
 
 def test_numba_finalizer_noise_is_dropped_and_nothing_else():

@@ -53,6 +53,19 @@ def test_objective_knows_its_loss_at_collapse(name, alpha):
     assert Objective(get_method("ce")).loss_at_collapse(batch, 1) is None
 
 
+@pytest.mark.parametrize("batch,classes", [(8, 4), (32, 100), (64, 10)])
+def test_the_share_of_anchors_with_a_positive_is_what_supcon_s_sees(batch, classes):
+    from fasttrain.losses import supcon_terms
+
+    gen = torch.Generator().manual_seed(0)
+    features = F.normalize(torch.randn(batch, 1, 8, generator=gen), dim=-1)
+    seen = torch.stack([supcon_terms(features, torch.randint(classes, (batch,), generator=gen), gather=False)[1].float()
+                        .mean() for _ in range(2000)]).mean().item()
+    assert Objective(get_method("supcon_s")).anchors_with_positive(batch, classes) == pytest.approx(seen, abs=0.01)
+    for other in ("supcon", "selfcon", "simclr", "ce"):  # a second view or an exit: every anchor has one
+        assert Objective(get_method(other)).anchors_with_positive(batch, classes) == 1.0
+
+
 def test_collapse_watch_warns_once_after_patience_and_resets_on_recovery(caplog):
     watch = CollapseWatch(threshold=0.1, patience=20, loss_at_collapse=7.9161)
     healthy = {"loss": 6.5, "spread/backbone": 0.5, "spread/sub0": 0.4}

@@ -60,7 +60,7 @@ def test_each_method_defaults_to_its_official_temperatures():
              for m in ("supcon", "selfcon", "cds", "simclr", "mixco")}
     assert temps == {"supcon": (0.1, 0.07), "selfcon": (0.1, 0.07), "cds": (0.07, 0.07), "simclr": (0.5, 0.5),
                      "mixco": (0.5, 0.5)}
-    assert Objective(get_method("mixco")).mix_temperature == 0.5
+    assert Objective(get_method("mixco")).options["mix_temperature"] == 0.5
     assert Objective(get_method("simclr"), temperature=0.2).base_temperature == 0.2  # NT-Xent: no rescaling
 
 

@@ -175,7 +175,7 @@ def test_mixco_settings_are_checked():
         Objective(get_method("mixco"))(method_model("mixco"), [torch.randn(3, 3, 8, 8)] * 2, torch.zeros(3).long())
     with pytest.raises(ValueError, match="loss.mix_weight=0.5: not read by method=simclr"):
         Objective(get_method("simclr"), mix_weight=0.5)
-    assert Objective(get_method("mixco"), temperature=0.2).mix_temperature == 0.2  # official: the same T
+    assert Objective(get_method("mixco"), temperature=0.2).options["mix_temperature"] == 0.2  # official: the same T
     with pytest.raises(ValueError, match="loss.alpha=0 leaves method=selfcon_su without a loss"):
         Objective(get_method("selfcon_su"), alpha=0.0)
-    assert Objective(get_method("selfcon_mu"), alpha=0.0).alpha == 0  # two views: SimCLR on the backbone
+    assert Objective(get_method("selfcon_mu"), alpha=0.0).options["alpha"] == 0  # two views: SimCLR on the backbone

@@ -4,9 +4,8 @@ results (``write_json``) and as the benchmarks write their figures (``save_png``
 renamed when complete."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
-from typing import Callable, Iterator, NamedTuple, Optional
+from typing import Iterator, NamedTuple, Optional
 
 import torch
 
@@ -61,20 +60,6 @@ def eval_batches(recipe: Recipe, split: str, images: Optional[int] = None,
     loader = eval_loader(recipe, accelerator, split, augment, subset=images)
     for views, labels in loader:
         yield views[0].contiguous(), labels
-
-
-def main_with_one_line_errors(main: Callable[[], int], prog: str) -> int:
-    """Run ``main``; a user error (bad path, recipe key, unreadable image) is one line and exit 2."""
-    from fasttrain.errors import UserError
-
-    try:
-        return main()
-    except (UserError, FileNotFoundError) as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
 
 
 def pyplot():

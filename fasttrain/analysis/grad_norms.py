@@ -24,7 +24,8 @@ from pathlib import Path
 from torch import nn
 from tqdm.auto import tqdm
 
-from fasttrain.analysis.common import main_with_one_line_errors, pyplot, save_png, write_json
+from fasttrain.analysis.common import pyplot, save_png, write_json
+from fasttrain.faults import one_line_errors
 from fasttrain.files import write_bytes
 from fasttrain.models import EncoderOutput, MultiExitResNet
 from fasttrain.models.multi_exit import STAGES
@@ -139,7 +140,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batches", type=int, default=1, help="real training batches averaged (default 1)")
     parser.add_argument("--out", help="output folder (default: <run.dir>/analysis)")
     args = parser.parse_intermixed_args(argv)
-    return main_with_one_line_errors(lambda: _main(args), "grad_norms")
+    return one_line_errors("grad_norms", lambda: _main(args))
 
 
 def _main(args) -> int:

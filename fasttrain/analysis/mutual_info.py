@@ -359,9 +359,9 @@ def _main(argv=None) -> int:
 
 def main(argv=None) -> int:
     """User errors (missing checkpoint, unknown name) are one line and exit code 2."""
-    from fasttrain.analysis.common import main_with_one_line_errors
+    from fasttrain.faults import one_line_errors
 
-    return main_with_one_line_errors(lambda: _main(argv), "fasttrain.analysis.mutual_info")
+    return one_line_errors("fasttrain.analysis.mutual_info", lambda: _main(argv))
 
 
 if __name__ == "__main__":

@@ -46,8 +46,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from fasttrain.analysis.common import (eval_batches, load_trained, main_with_one_line_errors, pyplot, save_png,
+from fasttrain.analysis.common import (eval_batches, load_trained, pyplot, save_png,
                                       write_json)
+from fasttrain.faults import one_line_errors
 from fasttrain.files import write_bytes
 from fasttrain.models import MultiExitResNet, exit_names
 from fasttrain.recipe import RecipeError
@@ -323,7 +324,7 @@ def make_pictures(args: argparse.Namespace) -> int:
 
 
 def main(argv=None) -> int:
-    return main_with_one_line_errors(lambda: make_pictures(parse_args(argv)), PROG)
+    return one_line_errors(PROG, lambda: make_pictures(parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -23,7 +23,8 @@ import sys
 from pathlib import Path
 
 
-from fasttrain.analysis.common import main_with_one_line_errors, pyplot, save_png, write_json
+from fasttrain.analysis.common import pyplot, save_png, write_json
+from fasttrain.faults import one_line_errors
 from fasttrain.files import write_bytes
 from fasttrain.recipe import RecipeError
 
@@ -107,7 +108,7 @@ def main(argv=None) -> int:
     parser.add_argument("--mi-images", type=int, default=3000, help="validation images for --mi (default 3000)")
     parser.add_argument("--launcher", default="", help="command in front of run.py, e.g. 'accelerate launch'")
     args = parser.parse_intermixed_args(argv)
-    return main_with_one_line_errors(lambda: _main(args), "sweep")
+    return one_line_errors("sweep", lambda: _main(args))
 
 
 def _main(args) -> int:

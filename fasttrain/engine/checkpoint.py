@@ -16,6 +16,7 @@ import torch
 
 from fasttrain.files import replacing
 from fasttrain.errors import CheckpointError
+from fasttrain.faults import one_line_errors
 from fasttrain.recipe import Recipe
 
 log = logging.getLogger("fasttrain")
@@ -180,11 +181,14 @@ def main(argv=None) -> int:
     parser.add_argument("--upgrade-trusted", nargs=2, metavar=("OLD", "NEW"), type=Path, required=True,
                         help="unpickle OLD (it can run code: only a file you trust) and write it as NEW")
     old, new = parser.parse_args(argv).upgrade_trusted
+    return one_line_errors("fasttrain.engine.checkpoint", lambda: _upgrade(old, new))
+
+
+def _upgrade(old: Path, new: Path) -> int:
     try:
         upgrade_trusted(old, new)
-    except (CheckpointError, OSError, pickle.UnpicklingError, EOFError, RuntimeError) as exc:
-        print(f"fasttrain.engine.checkpoint: error: {old}: {_first_line(exc)}", file=sys.stderr)
-        return 2
+    except (CheckpointError, pickle.UnpicklingError, EOFError, RuntimeError) as exc:  # not a checkpoint
+        raise CheckpointError(f"{old}: {_first_line(exc)}") from None
     print(f"wrote {new}")
     return 0
 

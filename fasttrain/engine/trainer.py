@@ -276,6 +276,7 @@ class Training:
         self.images_per_step = per_process_batch(recipe, accelerator) * accelerator.num_processes
         check_evaluation(recipe, self.method.evaluation, self.loader.num_samples * accelerator.num_processes)
         self._build_step()
+        self._warn_if_few_positives()
         self._build_monitors()
 
     def _build_step(self) -> None:
@@ -295,6 +296,15 @@ class Training:
                                                                        self.optimizer, accelerator, loader)
         self.step.resume_at(updates)
         self.num_exits = _plain(accelerator, self.model).num_exits
+
+    def _warn_if_few_positives(self) -> None:
+        contrast = self.images_per_step // (1 if self.recipe.loss.gather else self.accelerator.num_processes)
+        share = self.loss_fn.anchors_with_positive(contrast, self.loader.num_classes)
+        if share < 0.5 and self.main:
+            log.warning("method=%s: with %d images per contrast and %d classes, only about %.0f%% of the anchors "
+                        "have a positive (another image of their class); the rest add nothing to the loss. Raise "
+                        "train.batch_size, or use a method with a second view or a sub-network", self.recipe.method,
+                        contrast, self.loader.num_classes, 100 * share)
 
     def _build_monitors(self) -> None:
         recipe, accelerator = self.recipe, self.accelerator

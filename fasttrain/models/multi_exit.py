@@ -8,6 +8,7 @@ BasicBlock/Bottleneck. One forward runs the shared trunk once and returns every 
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple, Optional, Sequence
 
 import torch
@@ -22,11 +23,9 @@ ARCHS = {  # name -> (block, blocks per stage)
 }
 STAGES = ("layer1", "layer2", "layer3", "layer4")
 EXIT_POINTS = STAGES[:3]
-EXIT_KINDS = ("fc", "small", "same", "sepconv")
 # imagenet_no_maxpool: the official CDS ImageNet ResNet, which defines its max-pool but never calls it
 # (every stage at twice the resolution, about 4x the FLOPs)
 STEMS = ("imagenet", "cifar", "imagenet_no_maxpool")
-HEADS = ("mlp", "mlp_bn", "linear", "none")
 
 
 class EncoderOutput(NamedTuple):
@@ -36,28 +35,25 @@ class EncoderOutput(NamedTuple):
     sub_logits: list[torch.Tensor] = []  # classifier on each sub-network feature, if the encoder has them
 
 
-class ProjectionHead(nn.Sequential):
-    """The projection of one exit, L2-normalised in forward.
+# a projection head: (feature dim, projection dim) -> its layers; ProjectionHead L2-normalises the output
+HEADS = {
+    # the official SupCon/SelfCon head
+    "mlp": lambda dim, proj: (nn.Linear(dim, dim), nn.ReLU(inplace=True), nn.Linear(dim, proj)),
+    # SimCLR v2 / MoCo v3: BatchNorm keeps the hidden units centred across the batch, so projections
+    # of different images do not start (and cannot end) all alike: see docs/collapse.md
+    "mlp_bn": lambda dim, proj: (nn.Linear(dim, dim, bias=False), nn.BatchNorm1d(dim), nn.ReLU(inplace=True),
+                                 nn.Linear(dim, proj)),
+    "linear": lambda dim, proj: (nn.Linear(dim, proj),),
+    "none": lambda dim, proj: (),  # the exit's feature itself (the official CDS code)
+}
 
-    ``mlp``: Linear d->d, ReLU, Linear d->proj_dim (the official SupCon/SelfCon head).
-    ``mlp_bn``: the same with BatchNorm on the hidden layer (SimCLR v2, MoCo v3). It keeps the
-    hidden units centred across the batch, so projections of different images do not start
-    (and cannot end) all alike: see docs/collapse.md for why that matters here.
-    ``linear``: Linear d->proj_dim.
-    ``none``: the exit's feature itself, L2-normalised (the official CDS code).
-    """
+
+class ProjectionHead(nn.Sequential):
+    """The projection of one exit (``HEADS[kind]``), L2-normalised in forward."""
 
     def __init__(self, dim: int, proj_dim: int, kind: str = "mlp_bn"):
         _check("model.head", kind, HEADS)
-        if kind == "none":
-            super().__init__()
-        elif kind == "linear":
-            super().__init__(nn.Linear(dim, proj_dim))
-        elif kind == "mlp_bn":
-            super().__init__(nn.Linear(dim, dim, bias=False), nn.BatchNorm1d(dim), nn.ReLU(inplace=True),
-                             nn.Linear(dim, proj_dim))
-        else:
-            super().__init__(nn.Linear(dim, dim), nn.ReLU(inplace=True), nn.Linear(dim, proj_dim))
+        super().__init__(*HEADS[kind](dim, proj_dim))
 
     def forward(self, x):
         return F.normalize(super().forward(x), dim=1)
@@ -106,24 +102,43 @@ def sep_conv(in_channels: int, out_channels: int) -> nn.Sequential:
                          nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
 
 
-def build_subnetwork(arch: str, exit_point: str, kind: str, width: int = 64) -> nn.Sequential:
-    """G: maps the output of stage `exit_point` to a pooled feature of the backbone's width.
-    ``fc``: pool + Linear; ``small``/``same``: half/all the blocks of the remaining stages (SelfCon);
-    ``sepconv``: one separable block per remaining stage, each halving the resolution and doubling
-    the channels (CDS)."""
-    block, depths = ARCHS[arch]
-    start = STAGES.index(exit_point)
+def _fc_exit(block, depths, start: int, width: int) -> list[nn.Module]:
+    """Pool + Linear to the backbone's width."""
+    channels = [width * 2 ** i * block.expansion for i in (start, len(STAGES) - 1)]
+    return [*_pool(), nn.Linear(*channels)]
+
+
+def _sepconv_exit(block, depths, start: int, width: int) -> list[nn.Module]:
+    """One separable block per remaining stage, each halving the resolution and doubling the channels (CDS)."""
     channels = [width * 2 ** i * block.expansion for i in range(start, len(STAGES))]
-    if kind == "fc":
-        return nn.Sequential(*_pool(), nn.Linear(channels[0], channels[-1]))
-    if kind == "sepconv":
-        return nn.Sequential(*(sep_conv(a, b) for a, b in zip(channels, channels[1:])), *_pool())
-    stages, inplanes = [], channels[0]
+    return [*(sep_conv(a, b) for a, b in zip(channels, channels[1:])), *_pool()]
+
+
+def _resnet_exit(block, depths, start: int, width: int, share: float = 1.0) -> list[nn.Module]:
+    """The remaining stages of the backbone with ``share`` of their blocks (at least one) (SelfCon)."""
+    stages, inplanes = [], width * 2 ** start * block.expansion
     for index in range(start + 1, len(STAGES)):
-        blocks = depths[index] if kind == "same" else max(1, depths[index] // 2)
+        blocks = max(1, int(depths[index] * share))
         stages.append(_make_stage(block, inplanes, width * 2 ** index, blocks, stride=2))
         inplanes = width * 2 ** index * block.expansion
-    return nn.Sequential(*stages, *_pool())
+    return [*stages, *_pool()]
+
+
+# a sub-network G: (block, blocks per stage, index of the exit's stage, width) -> its layers,
+# ending in a pooled feature of the backbone's width
+EXIT_KINDS = {
+    "fc": _fc_exit,
+    "small": functools.partial(_resnet_exit, share=0.5),
+    "same": _resnet_exit,
+    "sepconv": _sepconv_exit,
+}
+
+
+def build_subnetwork(arch: str, exit_point: str, kind: str, width: int = 64) -> nn.Sequential:
+    """G of kind ``EXIT_KINDS[kind]``: maps the output of stage ``exit_point`` to a pooled feature."""
+    _check("exit_kind", kind, EXIT_KINDS)
+    block, depths = ARCHS[arch]
+    return nn.Sequential(*EXIT_KINDS[kind](block, depths, STAGES.index(exit_point), width))
 
 
 class MultiExitResNet(nn.Module):
