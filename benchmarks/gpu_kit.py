@@ -104,7 +104,13 @@ def plan(args, sizes: Sizes, photos: Path, demo_data: Path) -> list[Part]:
                    "--workers", sizes.workers, "--steps", sizes.steps, "--timeout", 150, "--method", "selfcon",
                    "--backends", "synthetic,torchvision,dali,ffcv", "--colour-stage", stage,
                    "--beton-dir", photos.parent / "betons", "--out", out / f"loader_fed_{stage}")
-            for stage in ("device", "host")]),
+            for stage in ("device", "host")] + [
+            # torchvision with the JPEGs decoded on the GPU (nvJPEG): the GPU path without DALI
+            python("-m", "benchmarks.train_throughput", "--data", photos / "train", "--arch", sizes.arch,
+                   "--batch-size", 2 * sizes.batch, "--image-size", sizes.image, "--precision", sizes.precision,
+                   "--workers", sizes.workers, "--steps", sizes.steps, "--timeout", 150, "--method", "selfcon",
+                   "--backends", "synthetic,torchvision", "--decode", "device",
+                   "--out", out / "loader_fed_gpu_decode")]),
         Part("host_syncs", 120, [python("-m", "benchmarks.host_syncs", "--out", out / "host_syncs",
                                         "--methods", "ce,supcon,supcon_s,selfcon,selfcon_m,dsn,cds,simclr,mixco")]),
     ]
@@ -205,6 +211,10 @@ def headlines(out: Path) -> dict:
             if row.get("available"):
                 found[f"loader_fed/{stage}/{row['backend']}"] = {
                     "images_per_second": row["images_per_second"], "ratio_to_synthetic": row.get("ratio_to_synthetic")}
+    for row in (_read(out / "loader_fed_gpu_decode" / "train_throughput.json") or {}).get("results", []):
+        if row.get("available") and row["backend"] == "torchvision":
+            found["loader_fed/gpu_decode/torchvision"] = {
+                "images_per_second": row["images_per_second"], "ratio_to_synthetic": row.get("ratio_to_synthetic")}
     for kind in ("eager", "compiled"):
         bare = _read(out / "bare_loop" / f"{kind}.json")
         if bare:

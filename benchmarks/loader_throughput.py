@@ -50,6 +50,8 @@ def parse_args(argv=None):
                    help="data.dali.decode: two views from one decode, or one fused crop-decode per view")
     p.add_argument("--colour-stage", choices=("auto", "device", "host"), default="auto",
                    help="data.colour_stage of the torchvision loader: colour and normalisation on the device")
+    p.add_argument("--decode", choices=("host", "device"), default="host",
+                   help="data.decode of the torchvision loader: JPEGs decoded by the workers or on the device")
     p.add_argument("--timeout", type=float, default=900, help="seconds allowed per measurement")
     p.add_argument("--no-ceiling", dest="ceiling", action="store_false",
                    help="skip the decode + crop ceiling (benchmarks/decode_ceiling.py)")
@@ -89,7 +91,8 @@ def measure(args) -> dict:
            "workers": args.workers, "image_size": args.image_size, "device": str(device),
            "dali_decode": args.dali_decode if args.backend == "dali" else None}
     cfg = DataConfig(train=args.source, image_size=args.image_size, num_workers=args.workers, augment="contrastive",
-                     crop_scale=CROP_SCALE, dali={"decode": args.dali_decode}, colour_stage=args.colour_stage)
+                     crop_scale=CROP_SCALE, dali={"decode": args.dali_decode}, colour_stage=args.colour_stage,
+                     decode=args.decode if args.backend == "torchvision" else "host")
     req = LoaderRequest(split="train", batch_size=args.batch_size, augment="contrastive", num_views=args.num_views,
                         device=device, seed=0)
     start = time.perf_counter()
@@ -172,6 +175,9 @@ def transfer_bytes(loader, args) -> Optional[int]:
     stages = getattr(loader, "stages", "unknown")
     if stages == "unknown":
         return None
+    if getattr(loader, "decoder", None) is not None:  # the files themselves: their mean size, once per image
+        files = [path for path, _ in loader.loader.dataset.folder.samples[:200]]
+        return round(sum(os.path.getsize(f) for f in files) / len(files))
     per_view = 3 * args.image_size ** 2 * (1 if stages else 4)
     return per_view * args.num_views
 
@@ -180,7 +186,7 @@ def worker_args(args, backend: str, source: Path, views: int) -> list:
     return ["--data", args.data, "--backend", backend, "--source", source, "--num-views", views,
             "--workers", args.workers, "--batch-size", args.batch_size, "--image-size", args.image_size,
             "--batches", args.batches, "--warmup", args.warmup, "--dali-decode", args.dali_decode,
-            "--colour-stage", args.colour_stage]
+            "--colour-stage", args.colour_stage, "--decode", args.decode]
 
 
 # ---------------------------------------------------------------- the report

@@ -52,6 +52,8 @@ def parse_args(argv=None):
     p.add_argument("--workers", type=int, default=2, help="data.num_workers")
     p.add_argument("--colour-stage", choices=("auto", "device", "host"), default="auto",
                    help="data.colour_stage (torchvision loader): colour and normalisation on the device or the workers")
+    p.add_argument("--decode", choices=("host", "device"), default="host",
+                   help="data.decode (torchvision loader): JPEGs decoded by the workers or on the device")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads of the training process")
     p.add_argument("--timeout", type=float, default=1200, help="seconds allowed per backend")
     p.add_argument("--profile", action="store_true", help="per backend, a second run with a torch.profiler window "
@@ -107,6 +109,7 @@ def measure(args) -> dict:
     row = {"backend": args.backend, "arch": args.arch, "method": args.method, "batch_size": args.batch_size,
            "image_size": args.image_size, "precision": args.precision, "channels_last": args.channels_last,
            "workers": args.workers, "compile": args.compile, "colour_stage": args.colour_stage,
+           "decode": args.decode if args.backend == "torchvision" else "host",
            "prefetch_batches": depth, "skipped_steps": skip,
            "timed_steps": epochs * min(per_epoch, total) - skip, "epochs": epochs}
     row["prefetch_bias_bound"] = depth / row["timed_steps"]
@@ -116,6 +119,7 @@ def measure(args) -> dict:
             "data": {"train": None if synthetic else str(args.source), "image_size": args.image_size,
                      "num_workers": args.workers, "augment": "contrastive", "crop_scale": [0.2, 1.0],
                      "colour_stage": args.colour_stage,
+                     "decode": args.decode if args.backend == "torchvision" else "host",
                      # synthetic: as many classes as the folder, enough samples for every step
                      **({"num_classes": args.num_classes, "synthetic_samples": args.batch_size * total}
                         if synthetic else {})},
@@ -155,7 +159,8 @@ def worker_args(args, backend: str, source: Path, classes: int) -> list:
            "--images", count_images(args.data), "--arch", args.arch, "--method", args.method,
            "--batch-size", args.batch_size, "--image-size", args.image_size, "--steps", args.steps,
            "--precision", args.precision, "--channels-last" if args.channels_last else "--no-channels-last",
-           "--workers", args.workers, "--colour-stage", args.colour_stage] + (["--compile"] if args.compile else [])
+           "--workers", args.workers, "--colour-stage", args.colour_stage,
+           "--decode", args.decode] + (["--compile"] if args.compile else [])
     return out + (["--threads", args.threads] if args.threads else []) + \
         (["--skip", args.skip] if args.skip is not None else []) + \
         ["--out", args.out, "--profile-steps", args.profile_steps]

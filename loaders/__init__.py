@@ -27,11 +27,13 @@ class Backend:
     source: Optional[str]  # what a split's path is: an image folder ("dir"), a .beton ("file"), nothing
     augments: frozenset  # the augmentations it makes
     progressive: bool = False  # data.progressive (ffcv-imagenet's resolution ramp)
+    device_decode: frozenset = frozenset()  # the augmentations it makes from JPEGs decoded on the device
     extra: str = ""  # the pip extra that installs it
 
 
 BACKENDS = {
-    "torchvision": Backend("loaders.torchvision_loader", "dir", _ALL_AUGMENTS),
+    "torchvision": Backend("loaders.torchvision_loader", "dir", _ALL_AUGMENTS,
+                           device_decode=frozenset({"contrastive", "simclr", "basic", "center"})),
     "ffcv": Backend("loaders.ffcv_loader", "file", frozenset({"contrastive", "basic", "center"}), progressive=True,
                     extra="ffcv"),
     "dali": Backend("loaders.dali_loader", "dir", frozenset({"contrastive", "simclr", "basic", "center"}),
@@ -60,6 +62,15 @@ def unsupported(backend: str, cfg: DataConfig, augments, key: str) -> Optional[s
                 f"loader makes every one)")
     if cfg.progressive and not spec.progressive:
         return f"data.progressive: read only by loader=ffcv; loader={backend} would train at data.image_size"
+    if cfg.decode == "device":
+        if not spec.device_decode:
+            return ("data.decode=device: read only by loader=torchvision (loader=dali decodes on the GPU with "
+                    "data.dali.device: gpu; ffcv decodes in its threads)")
+        if cfg.colour_stage == "host":
+            return "data.decode=device: the colour then runs on the device; data.colour_stage=host cannot apply"
+        host_only = sorted(set(augments) - spec.device_decode)
+        if host_only:
+            return f"{key}: data.decode=device does not make the {', '.join(host_only)} augmentation (decode=host does)"
     return None
 
 

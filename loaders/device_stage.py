@@ -17,7 +17,7 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from loaders.spec import BLUR_P, BLUR_SIGMA, COLOUR_STRENGTH, blur_kernel
+from loaders.spec import BLUR_P, BLUR_SIGMA, COLOUR_STRENGTH, DataConfig, LoaderRequest, blur_kernel
 
 _GREY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
 JITTER_P, GREY_P = 0.8, 0.2
@@ -158,3 +158,15 @@ def _gaussian_blur(x: torch.Tensor, kernel: int, sigma: torch.Tensor) -> torch.T
 
 
 __all__ = ["ColourParams", "DeviceColour"]
+
+
+def device_stages(cfg: DataConfig, req: LoaderRequest, augments: Sequence[str]) -> Optional[list[DeviceColour]]:
+    """One DeviceColour per view (of ``augments``) when the colour runs on the device: data.colour_stage
+    device, or auto on a GPU, or JPEGs decoded on the device; else None (the host colours and
+    normalises). The padded-crop views keep their host pipeline (Cutout sits between the colour and
+    the normalisation)."""
+    on_device = cfg.decode == "device" or cfg.colour_stage == "device" or (
+        cfg.colour_stage == "auto" and req.device.type == "cuda")
+    if not on_device or any(a.startswith("padcrop") for a in augments):
+        return None
+    return [DeviceColour(a, cfg.image_size, cfg.mean, cfg.std) for a in augments]

@@ -7,11 +7,14 @@ RandomResizedCrop decoder>, [...])``: ffcv's graph gives it its own decoder node
 each sample is read once from the file and decoded twice, with independent crops and flips. The
 batch comes back as ``(image, label, image_1)``: file fields first, extra outputs after.
 
-Colour and normalisation. ``contrastive`` adds the official ColorJitter(0.4, 0.4, 0.4, 0.1) p=0.8 and
+Colour and normalisation. With the colour on the device (``data.colour_stage: device``, or ``auto``
+on a GPU: ffcv-imagenet's pattern) the pipeline ends ``ToTensor -> ToDevice -> ToTorchImage`` on the
+uint8 crops and ``loaders.device_stage`` adds the colour and the normalisation, batched on the device.
+Otherwise (``auto`` on a CPU, ``host``), ``contrastive`` adds the official ColorJitter(0.4, 0.4, 0.4, 0.1) p=0.8 and
 RandomGrayscale p=0.2 as an ffcv operation (``ColourJitter``) on the uint8 batch right after the crop and
 flip: torchvision's tensor maths per sample (a draw of factors and op order each), compiled by numba and
 run in parallel over the batch in ffcv's own threads, like its decoders, so it never occupies the
-training process. On a CPU, ffcv's ``NormalizeImage`` follows in the same numba stage, *before* ToTensor
+training process: on a CPU-only machine that is where it measures fastest. On a CPU, ffcv's ``NormalizeImage`` follows in the same numba stage, *before* ToTensor
 (placed after it on CPU, ``Loader()`` never returns: ffcv 1.0.2's ``Graph.group_operations`` loops for
 ever). On CUDA the uint8 batch goes to the device (``ToDevice``) and is normalised there by torch
 (ffcv's GPU ``NormalizeImage`` needs cupy, which this project does not install). Like ffcv's own crops,
@@ -61,6 +64,7 @@ torch.set_num_threads(_TORCH_THREADS)
 from loaders import FFCV_BATCHES_AHEAD, shard, subset_indices  # noqa: E402
 from loaders.spec import (COLOUR_STRENGTH, DataConfig, LoaderError, LoaderRequest, beton_classes,  # noqa: E402
                           output_dtype, require_path, split_classes, to_device)
+from loaders.device_stage import device_stages  # noqa: E402
 
 log = logging.getLogger(__name__)
 _NUMBA_DISPATCHER = os.path.join("numba", "core", "dispatcher.py")
@@ -271,10 +275,14 @@ class FFCVLoader:
         self.num_classes = len(self.classes) if self.classes else int(reader.metadata["f1"].max()) + 1
         self.skipped: set[str] = set()  # unreadable files were left out by ffcv_convert
         self.epoch = self.skip_batches = 0
-        self._cuda = req.device.type == "cuda"  # the GPU-only branch: ToDevice, normalisation on the device
-        if self._cuda:
-            self._mean = torch.tensor(cfg.mean, device=req.device).view(1, 3, 1, 1)
-            self._std = torch.tensor(cfg.std, device=req.device).view(1, 3, 1, 1)
+        self._cuda = req.device.type == "cuda"  # the GPU-only branch: ToDevice
+        augments = req.augments if req.training else ("center",) * req.num_views
+        # colour and normalisation on the device (uint8 crosses; ffcv-imagenet's pattern), or the colour
+        # in ffcv's threads and, on a GPU, the normalisation on the device
+        self.stages = device_stages(cfg, req, augments)
+        self._host_colour = self.stages is None
+        if self.stages is None and self._cuda:  # ffcv's GPU NormalizeImage needs cupy: torch's instead
+            self.stages = device_stages(cfg, req, ("center",) * req.num_views)
 
         size = cfg.progressive.size_at(0) if (cfg.progressive and req.training) else cfg.image_size
         if req.training:
@@ -284,7 +292,6 @@ class FFCVLoader:
         else:
             self._decoders = [CenterCropRGBImageDecoder((size, size), ratio=cfg.val_resize_ratio)
                               for _ in range(req.num_views)]
-        augments = req.augments if req.training else ("center",) * req.num_views
         pipelines = {"image": self._image_ops(self._decoders[0], augments[0]),
                      "label": [IntDecoder(), ToTensor(), *self._to_device()]}  # no Squeeze: a batch of 1 -> 0-d
         for v, dec in enumerate(self._decoders[1:], 1):  # same field, own decoder: see the docstring
@@ -325,9 +332,9 @@ class FFCVLoader:
 
     def _image_ops(self, decoder, augment: str):
         ops = [decoder] + ([RandomHorizontalFlip()] if self.req.training else [])
-        if augment in COLOUR_STRENGTH:
+        if augment in COLOUR_STRENGTH and self._host_colour:
             ops.append(ColourJitter(COLOUR_STRENGTH[augment]))
-        if not self._cuda:  # numba stage, before ToTensor (see the docstring)
+        if self.stages is None:  # numba stage, before ToTensor (see the docstring)
             ops.append(NormalizeImage(np.array(self.cfg.mean) * 255, np.array(self.cfg.std) * 255, np.float32))
         return ops + [ToTensor(), *self._to_device(), ToTorchImage(channels_last=True)]
 
@@ -351,10 +358,9 @@ class FFCVLoader:
             for dec in self._decoders:
                 dec.output_size = (size, size)
 
-    def _finish(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.uint8:  # on the GPU, not normalised yet
-            x = x.to(torch.float32).div_(255)
-            return to_device(x.sub_(self._mean).div_(self._std), self.req, self.dtype)
+    def _finish(self, x: torch.Tensor, stage) -> torch.Tensor:
+        if stage is not None:  # uint8, the device stage's input (a new tensor: ffcv's buffer is not handed out)
+            return to_device(stage(to_device(x, self.req, torch.uint8)), self.req, self.dtype)
         out = to_device(x, self.req, self.dtype)
         # ffcv reuses its output buffers a few batches later: never hand one out
         return out.clone() if out.data_ptr() == x.data_ptr() else out
@@ -364,7 +370,8 @@ class FFCVLoader:
         try:  # ffcv's batch thread sets torch's thread count to num_workers before its first batch
             for index, batch in enumerate(self._loader):
                 torch.set_num_threads(torch_threads)
-                images = tuple(self._finish(x) for x in (batch[0], *batch[2:]))
+                images = tuple(self._finish(x, stage) for x, stage in
+                               zip((batch[0], *batch[2:]), self.stages or (None,) * self.req.num_views))
                 if index >= self.skip_batches:  # a resumed epoch: decoded and dropped, so its randomness matches
                     yield images, batch[1].to(self.req.device, copy=True).view(-1)
         finally:

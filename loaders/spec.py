@@ -101,10 +101,14 @@ class DataConfig(_Strict):
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     output_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
-    # where the colour augmentation and the normalisation run (torchvision loader): on the training device,
+    # where the colour augmentation and the normalisation run (torchvision, ffcv): on the training device,
     # batched, the workers handing over uint8 crops (loaders/device_stage.py), or in the workers. auto: the
     # device when it is a GPU; on a CPU the workers, which overlap with the step instead of adding to it
     colour_stage: Literal["auto", "device", "host"] = "auto"
+    # where the JPEGs are decoded (torchvision loader): in the workers (PIL), or on the training device
+    # (torchvision.io.decode_jpeg, nvJPEG on a GPU; loaders/device_decode.py): the workers then only read
+    # bytes and draw crops, and the colour runs on the device too
+    decode: Literal["host", "device"] = "host"
     num_classes: Optional[int] = Field(None, gt=0)  # synthetic data only; real data counts its folders
     synthetic_samples: int = Field(4096, gt=0)
     ffcv: FFCVOptions = FFCVOptions()

@@ -10,7 +10,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torchvision import transforms as T
 
 from loaders import TORCHVISION_PREFETCH_FACTOR, shard, subset_indices
-from loaders.device_stage import DeviceColour
+from loaders.device_decode import CropDraw, DeviceDecode, collate_encoded, fill_failed, read_encoded
+from loaders.device_stage import device_stages
 from loaders.spec import (BLUR_P, BLUR_SIGMA, COLOUR_STRENGTH, DataConfig, LoaderError, LoaderRequest, blur_kernel,
                           image_folder, load_rgb, output_dtype, require_path, split_classes, to_device)
 
@@ -44,15 +45,6 @@ def build_transform(cfg: DataConfig, augment: str, host_colour: bool = True) -> 
     return T.Compose([*crop, *color, *tail])
 
 
-def device_stages(cfg: DataConfig, req: LoaderRequest):
-    """One DeviceColour per view when data.colour_stage puts the colour on the device, else None. The
-    padded-crop views keep their host pipeline (Cutout sits between the colour and the normalisation)."""
-    on_device = cfg.colour_stage == "device" or (cfg.colour_stage == "auto" and req.device.type == "cuda")
-    if not on_device or any(a.startswith("padcrop") for a in req.augments):
-        return None
-    return [DeviceColour(a, cfg.image_size, cfg.mean, cfg.std) for a in req.augments]
-
-
 class Cutout:
     """DeVries & Taylor's Cutout as the official CDS code applies it (after ToTensor, before Normalize):
     a ``length`` square centred anywhere in the image, clipped at its borders, set to 0. Written here
@@ -78,9 +70,10 @@ class TolerantImageFolder(Dataset):
     read drops it (its item is ``None``): every readable image counts once, and no image twice.
     """
 
-    def __init__(self, folder, transforms, replace: bool):
+    def __init__(self, folder, transforms, replace: bool, load=load_rgb):
         self.folder = folder  # spec.image_folder
         self.transforms, self.replace = transforms, replace  # one per view
+        self.load = load  # path -> what the transforms take
 
     def __len__(self):
         return len(self.folder.samples)
@@ -90,7 +83,7 @@ class TolerantImageFolder(Dataset):
         for attempt in range(len(self) if self.replace else 1):
             path, label = self.folder.samples[(index + attempt) % len(self)]
             try:
-                image = load_rgb(path)
+                image = self.load(path)
             except Exception as exc:  # PIL raises many types for a broken file
                 skipped.append(f"{path} ({type(exc).__name__}: {exc})")
                 continue
@@ -124,9 +117,15 @@ class TorchvisionLoader:
         key = f"data.{req.split}"
         root = require_path(getattr(cfg, req.split), key)
         folder = image_folder(root, key, split_classes(cfg, req.split))
-        self.stages = device_stages(cfg, req)  # per view, or None: the workers colour and normalise
-        dataset = TolerantImageFolder(folder, [build_transform(cfg, a, self.stages is None) for a in req.augments],
-                                      req.training)
+        self.stages = device_stages(cfg, req, req.augments)  # per view, or None: the workers colour and normalise
+        if cfg.decode == "device":  # the workers read bytes and draw crops; the device decodes
+            self.decoder = DeviceDecode(cfg.image_size, req.device)
+            dataset = TolerantImageFolder(folder, [_encoded, *(CropDraw(cfg, a) for a in req.augments)],
+                                          req.training, load=read_encoded)
+        else:
+            self.decoder = None
+            dataset = TolerantImageFolder(folder, [build_transform(cfg, a, self.stages is None) for a in req.augments],
+                                          req.training)
         self.req, self.dtype, self.root = req, output_dtype(cfg), root
         self.num_classes = len(dataset.folder.classes)
         self.classes = dataset.folder.classes
@@ -146,7 +145,8 @@ class TorchvisionLoader:
                               f"of {req.batch_size}")
         self.loader = DataLoader(
             source, batch_size=req.batch_size, sampler=sampler, shuffle=False, drop_last=req.training,
-            num_workers=cfg.num_workers, collate_fn=_collate, pin_memory=req.device.type == "cuda",
+            num_workers=cfg.num_workers, collate_fn=collate_encoded if self.decoder else _collate,
+            pin_memory=req.device.type == "cuda",
             generator=self.generator,
             # evaluation reads (k-NN every epoch, a linear evaluation's cached features) start their workers
             # per pass: none sit idle between passes
@@ -175,6 +175,10 @@ class TorchvisionLoader:
                 if self.req.training:
                     raise LoaderError(f"data.{self.req.split}: no readable image in {self.root}")
                 continue
+            if self.decoder is not None:
+                views, labels = self._decode(*views, labels)
+                if views is None:
+                    continue
             yielded += 1
             if self.stages is None:
                 views = tuple(to_device(v, self.req, self.dtype) for v in views)
@@ -184,6 +188,27 @@ class TorchvisionLoader:
             yield views, labels.to(self.req.device, non_blocking=True)
         if not yielded and len(self.loader):
             raise LoaderError(f"data.{self.req.split}: no readable image in {self.root}")
+
+
+    def _decode(self, images, boxes, labels):
+        """uint8 crops on the device per view; a file whose bytes did not decode is skipped as an
+        unreadable one (training: its place goes to another image of the batch)."""
+        views = self.decoder(images, boxes)
+        failed = self.decoder.failed
+        for i in failed:
+            if images[i].path not in self.skipped:
+                self.skipped.add(images[i].path)
+                log.warning("skipping unreadable image %s (its bytes do not decode)", images[i].path)
+        if len(failed) == len(images):
+            return None, None
+        if self.req.training:
+            return fill_failed(views, labels, failed, len(images))
+        return views, labels[[i for i in range(len(images)) if i not in set(failed)]]
+
+
+def _encoded(image):
+    """The first item of a device-decoded sample: the file itself (EncodedImage), then each view's box."""
+    return image
 
 
 def build(cfg: DataConfig, req: LoaderRequest) -> TorchvisionLoader:

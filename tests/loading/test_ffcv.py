@@ -102,11 +102,13 @@ def colour_shift(view, labels, colours):
     return (view.float().mean((2, 3)) - expected).abs().amax(1)
 
 
-def test_two_views_differ_and_colour_augmentation(folder, beton):
+@pytest.mark.parametrize("stage", ["host", "device"])
+def test_two_views_differ_and_colour_augmentation(folder, beton, stage):
     colours = class_colours(folder)
-    cfg = DataConfig(train=beton, image_size=32, num_workers=1, output_dtype="bfloat16")
+    cfg = DataConfig(train=beton, image_size=32, num_workers=1, output_dtype="bfloat16", colour_stage=stage)
     loader = ffcv(beton, split="train", augment="contrastive", num_views=2, cfg=cfg, channels_last=True)
     assert (len(loader), loader.num_samples) == (3, 12)
+    assert (loader.stages is None) == (stage == "host")  # device: uint8 crops, the colour in torch
     shifts = []
     for (a, b), labels in loader:
         assert a.shape == b.shape == (4, 3, 32, 32) and a.dtype == b.dtype == torch.bfloat16
@@ -116,6 +118,15 @@ def test_two_views_differ_and_colour_augmentation(folder, beton):
     # ColorJitter(0.4, ...) with p=0.8 moves a mean colour by up to ~0.9; crops alone (see the
     # progressive test) stay within 0.1
     assert (torch.cat(shifts) > 0.3).sum() >= 6
+
+
+def test_the_device_stage_normalises_the_same_centre_crops(beton):
+    cfg = DataConfig(val=beton, image_size=32, num_workers=1)
+    host = [v[0] for v, _ in ffcv(beton, cfg=cfg)]
+    device = [v[0] for v, _ in ffcv(beton, cfg=cfg.model_copy(update={"colour_stage": "device"}))]
+    assert len(host) == len(device) == 3
+    for h, d in zip(host, device):  # the same uint8 crops, normalised by numba or by torch
+        assert torch.allclose(h, d, atol=1e-5)
 
 
 def test_progressive_resizing_and_basic_keeps_colour(folder, beton):

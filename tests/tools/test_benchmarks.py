@@ -108,6 +108,14 @@ def test_loader_throughput_tiny(tmp_path):
         assert best["method"] in ceiling["candidates"]
         assert row["fraction_of_ceiling"] == pytest.approx(row["images_per_second"] / best["images_per_second"])
     assert "| ceiling |" in (out / "loader_throughput.md").read_text()
+    # decoded on the device: the files cross, not pixels (the same 1 view, every other number alike)
+    rc = loader_throughput.main(["--data", str(data), "--backends", "torchvision", "--views", "1", "--workers", "0",
+                                 "--batch-size", "4", "--image-size", "32", "--batches", "2", "--decode", "device",
+                                 "--no-ceiling", "--out", str(tmp_path / "decoded")])
+    row, = _outputs(tmp_path / "decoded", "loader_throughput")["results"]
+    files = sorted(data.rglob("*.jpg"))
+    assert rc == 0 and row["view_shape"] == [4, 3, 32, 32]
+    assert row["bytes_to_device_per_image"] == round(sum(f.stat().st_size for f in files) / len(files))
 
 
 def test_dct_downscaled_crops_match_full_decodes(tmp_path):

@@ -29,6 +29,7 @@ def test_the_kit_dry_run_runs_every_part_and_reports_their_numbers(tmp_path):
     assert results["trainer_overhead"]["trainer_over_bare"] > 0
     for stage in ("device", "host"):  # the torchvision loader with its colour on either side
         assert results[f"loader_fed/{stage}/torchvision"]["ratio_to_synthetic"] > 0
+    assert results["loader_fed/gpu_decode/torchvision"]["ratio_to_synthetic"] > 0  # JPEGs decoded on the device
     # the trainer's step reads nothing back from the device when its logs are not read
     assert {k: v["python_reads_per_step"] for k, v in results.items() if k.startswith("host_syncs/")} == {
         f"host_syncs/{m}": 0 for m in ("ce", "supcon", "supcon_s", "selfcon", "selfcon_m", "dsn", "cds", "simclr",
