@@ -45,6 +45,37 @@ def test_a_paper_recipe_follows_the_official_script(name):
     assert not differ, f"{name}: recipe value vs official: {differ}"
 
 
+TABLE1 = PAPER / "selfcon_table1"
+T1 = yaml.safe_load((TABLE1 / "official.yaml").read_text())
+T1_CELLS = [(d, a, m) for d in T1["datasets"] for a in T1["archs"] for m in T1["methods"]]
+T1_ELSEWHERE = {("cifar100", "r18", "selfcon"): PAPER / "selfcon_cifar100_r18.yaml",
+                ("cifar100", "r18", "supcon"): PAPER / "supcon_cifar100_r18.yaml"}
+
+
+def table1_recipe(cell) -> Path:
+    return T1_ELSEWHERE.get(cell, TABLE1 / f"{'_'.join(cell)}.yaml")
+
+
+@pytest.mark.parametrize("cell", T1_CELLS, ids="_".join)
+def test_every_cell_of_selfcon_table1_follows_the_official_scripts(cell):
+    dataset, arch, method = cell
+    want = {**T1["ce" if method == "ce" else "represent"], **T1["datasets"][dataset], **T1["archs"][arch],
+            **T1["methods"][method]}
+    recipe = load_recipe(table1_recipe(cell))
+    assert recipe.method == method
+    differ = {key: (effective(recipe, key), value) for key, value in want.items() if effective(recipe, key) != value}
+    assert not differ, f"{cell}: recipe value vs official: {differ}"
+
+
+def test_selfcon_table1_has_one_recipe_and_one_docs_row_per_cell():
+    files = {p.name for p in TABLE1.glob("*.yaml") if not p.name.startswith("_") and p.name != "official.yaml"}
+    assert files == {table1_recipe(cell).name for cell in T1_CELLS if cell not in T1_ELSEWHERE}
+    docs = (REPO / "docs" / "reproduce.md").read_text()
+    for cell in T1_CELLS:
+        row = next((line for line in docs.splitlines() if str(table1_recipe(cell).relative_to(REPO)) in line), "")
+        assert T1["paper"][cell[0]][cell[1]][cell[2]] in row, f"{cell}: no docs row with the paper's number"
+
+
 def test_the_conformance_check_sees_a_drift(tmp_path):
     drifted = tmp_path / "x.yaml"
     drifted.write_text(f"base: {PAPER / 'selfcon_cifar100_r18.yaml'}\noptim: {{exclude_bn_bias: true}}\n")
