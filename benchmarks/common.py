@@ -22,19 +22,25 @@ REPO = Path(__file__).resolve().parents[1]
 
 def recipe_for(tree: dict, overrides: Sequence[str] = ()):
     """A validated Recipe from a ``recipes/*.yaml``-style dict plus dotted ``key=value`` overrides."""
-    import copy
+    from fasttrain.recipe import recipe_from_tree
 
-    from pydantic import ValidationError
+    return recipe_from_tree(tree, overrides, where="benchmark recipe")
 
-    from fasttrain.recipe import Recipe, RecipeError, apply_override, describe_error
 
-    tree = copy.deepcopy(tree)
-    for assignment in overrides:
-        apply_override(tree, assignment)
-    try:
-        return Recipe.model_validate(tree)
-    except ValidationError as exc:
-        raise RecipeError(f"benchmark recipe: {describe_error(exc)}") from None
+def add_loader_options(p) -> None:
+    """The loader flags the loader-fed benchmarks share, and the hidden ones of their worker runs."""
+    import argparse
+
+    p.add_argument("--colour-stage", choices=("auto", "device", "host"), default="auto",
+                   help="data.colour_stage (torchvision, ffcv): colour and normalisation on the device or the host")
+    p.add_argument("--decode", choices=("host", "device"), default="host",
+                   help="data.decode (torchvision loader): JPEGs decoded by the workers or on the device")
+    p.add_argument("--beton-dir", type=Path, default=Path("benchmarks/results/tmp"),
+                   help="where --data is converted for ffcv (reused while newer than the folder; git-ignored)")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--backend", help=argparse.SUPPRESS)
+    p.add_argument("--source", type=Path, help=argparse.SUPPRESS)  # what the backend reads (.beton for ffcv)
+    p.add_argument("--result", type=Path, help=argparse.SUPPRESS)
 
 
 class SyntheticStep(NamedTuple):

@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Optional
 
 
-from benchmarks.common import (backend_source, bar_chart, markdown_table, run_worker, summarize,  # noqa: E402
-                               training_device, worker_row, write_json, write_report)
+from benchmarks.common import (add_loader_options, backend_source, bar_chart, markdown_table, run_worker,  # noqa: E402
+                               summarize, training_device, worker_row, write_json, write_report)
 
 BACKENDS = ("torchvision", "dali", "ffcv")
 CROP_SCALE = (0.2, 1.0)  # the contrastive crops of recipes/_imagenet.yaml (official SupCon/SelfCon)
@@ -48,21 +48,12 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=1, help="batches drawn before timing")
     p.add_argument("--dali-decode", choices=("once", "per_view"), default="once",
                    help="data.dali.decode: two views from one decode, or one fused crop-decode per view")
-    p.add_argument("--colour-stage", choices=("auto", "device", "host"), default="auto",
-                   help="data.colour_stage of the torchvision loader: colour and normalisation on the device")
-    p.add_argument("--decode", choices=("host", "device"), default="host",
-                   help="data.decode of the torchvision loader: JPEGs decoded by the workers or on the device")
     p.add_argument("--timeout", type=float, default=900, help="seconds allowed per measurement")
     p.add_argument("--no-ceiling", dest="ceiling", action="store_false",
                    help="skip the decode + crop ceiling (benchmarks/decode_ceiling.py)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/loaders"))
-    p.add_argument("--beton-dir", type=Path, default=Path("benchmarks/results/tmp"),
-                   help="where --data is converted for ffcv (reused while newer than the folder; git-ignored)")
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--backend", help=argparse.SUPPRESS)
-    p.add_argument("--source", type=Path, help=argparse.SUPPRESS)  # what the backend reads (.beton for ffcv)
+    add_loader_options(p)
     p.add_argument("--num-views", type=int, help=argparse.SUPPRESS)
-    p.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     try:

@@ -27,8 +27,8 @@ import time
 from pathlib import Path
 
 
-from benchmarks.common import (backend_source, bar_chart, markdown_table, parts_chart, recipe_for,  # noqa: E402
-                               worker_row, write_json, write_report)
+from benchmarks.common import (add_loader_options, backend_source, bar_chart, markdown_table, parts_chart,  # noqa: E402
+                               recipe_for, worker_row, write_json, write_report)
 from fasttrain.engine.profiling import TRACE_NAME, parts_table  # noqa: E402
 
 BACKENDS = ("synthetic", "torchvision", "dali", "ffcv")
@@ -50,10 +50,6 @@ def parse_args(argv=None):
                    help="the recipes' default (on)")
     p.add_argument("--compile", action="store_true", help="train.compile (the warm-up steps include compiling)")
     p.add_argument("--workers", type=int, default=2, help="data.num_workers")
-    p.add_argument("--colour-stage", choices=("auto", "device", "host"), default="auto",
-                   help="data.colour_stage (torchvision loader): colour and normalisation on the device or the workers")
-    p.add_argument("--decode", choices=("host", "device"), default="host",
-                   help="data.decode (torchvision loader): JPEGs decoded by the workers or on the device")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads of the training process")
     p.add_argument("--timeout", type=float, default=1200, help="seconds allowed per backend")
     p.add_argument("--profile", action="store_true", help="per backend, a second run with a torch.profiler window "
@@ -61,14 +57,9 @@ def parse_args(argv=None):
                    "time goes (waiting for data, trunk, sub-networks, heads, loss, backward, optimizer)")
     p.add_argument("--profile-steps", type=int, default=5)
     p.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/train_throughput_<arch>")
-    p.add_argument("--beton-dir", type=Path, default=Path("benchmarks/results/tmp"),
-                   help="where --data is converted for ffcv (reused while newer than the folder; git-ignored)")
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--backend", help=argparse.SUPPRESS)
-    p.add_argument("--source", type=Path, help=argparse.SUPPRESS)  # what the backend reads (.beton for ffcv)
+    add_loader_options(p)
     p.add_argument("--num-classes", type=int, help=argparse.SUPPRESS)
     p.add_argument("--images", type=int, help=argparse.SUPPRESS)  # images in --data
-    p.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--profile-run", action="store_true", help=argparse.SUPPRESS)  # this worker profiles
     args = p.parse_args(argv)
     args.backends = [b.strip() for b in args.backends.split(",") if b.strip()]

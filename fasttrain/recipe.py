@@ -7,6 +7,7 @@ the key; ``key=value`` overrides use dotted keys and YAML values, typed by the s
 """
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Literal, Optional, Sequence, Union
 
@@ -197,6 +198,10 @@ class Recipe(_Strict):
         views = self.data.view_augments
         if views is not None and len(views) != method.num_views:
             raise ValueError(f"data.view_augments={list(views)}: method={self.method} has {method.num_views} view(s)")
+        scales = self.data.view_crop_scales
+        if scales is not None and len(scales) != method.num_views:
+            raise ValueError(f"data.view_crop_scales={[list(s) for s in scales]}: method={self.method} has "
+                             f"{method.num_views} view(s)")
         key = (f"data.view_augments={list(views)}" if views else f"method={self.method} (its views)" if method.views
                else f"data.augment={self.data.augment}")
         why = unsupported(self.loader, self.data, views or method.views or (self.data.augment,), key)
@@ -304,13 +309,18 @@ def _read(path: Path, chain: tuple = ()) -> dict:
 
 def load_recipe(path: Union[str, Path], overrides: Sequence[str] = ()) -> Recipe:
     path = Path(path)
-    tree = _read(path)
+    return recipe_from_tree(_read(path), overrides, where=str(path))
+
+
+def recipe_from_tree(tree: dict, overrides: Sequence[str] = (), *, where: str = "recipe") -> Recipe:
+    """A recipe from its sections as a dict (a copy is changed by ``overrides``); RecipeError names ``where``."""
+    tree = copy.deepcopy(tree)
     for assignment in overrides:
         apply_override(tree, assignment)
     try:
         return Recipe.model_validate(tree)
     except ValidationError as exc:
-        raise RecipeError(f"{path}: {describe_error(exc)}") from None
+        raise RecipeError(f"{where}: {describe_error(exc)}") from None
 
 
 def dump_recipe(recipe: Recipe) -> str:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -29,15 +29,17 @@ class Backend:
     progressive: bool = False  # data.progressive (ffcv-imagenet's resolution ramp)
     device_decode: frozenset = frozenset()  # the augmentations it makes from JPEGs decoded on the device
     extra: str = ""  # the pip extra that installs it
+    prefetch: Callable[[DataConfig], int] = lambda cfg: 0  # batches it decodes ahead of the step
 
 
 BACKENDS = {
     "torchvision": Backend("loaders.torchvision_loader", "dir", _ALL_AUGMENTS,
-                           device_decode=frozenset({"contrastive", "simclr", "basic", "center"})),
+                           device_decode=frozenset({"contrastive", "simclr", "basic", "center"}),
+                           prefetch=lambda cfg: cfg.num_workers * TORCHVISION_PREFETCH_FACTOR),
     "ffcv": Backend("loaders.ffcv_loader", "file", frozenset({"contrastive", "basic", "center"}), progressive=True,
-                    extra="ffcv"),
+                    extra="ffcv", prefetch=lambda cfg: FFCV_BATCHES_AHEAD),
     "dali": Backend("loaders.dali_loader", "dir", frozenset({"contrastive", "simclr", "basic", "center"}),
-                    extra="dali"),
+                    extra="dali", prefetch=lambda cfg: cfg.dali.prefetch),
     "synthetic": Backend("loaders.synthetic", None, _ALL_AUGMENTS),
 }
 
@@ -77,8 +79,7 @@ def unsupported(backend: str, cfg: DataConfig, augments, key: str) -> Optional[s
 def prefetch_batches(backend: str, cfg: DataConfig) -> int:
     """How many batches the backend can hold ready before training asks: a throughput measured over
     fewer steps than this (after start-up) measures start-up decoding, not the loader's rate."""
-    return {"torchvision": cfg.num_workers * TORCHVISION_PREFETCH_FACTOR, "dali": cfg.dali.prefetch,
-            "ffcv": FFCV_BATCHES_AHEAD}.get(backend, 0)
+    return BACKENDS[backend].prefetch(cfg) if backend in BACKENDS else 0
 
 
 def check_split(backend: str, cfg: DataConfig, split: str) -> None:

@@ -161,11 +161,12 @@ def _pipeline(files, labels, root, cfg, req, decode_device, outputs_to_gpu):
         images = fn.resize(images, resize_shorter=int(round(size / cfg.val_resize_ratio)))
         views.append(fn.crop_mirror_normalize(images, crop=(size, size), **normalise))
     else:
-        crop = dict(random_area=list(cfg.crop_scale), random_aspect_ratio=list(cfg.crop_ratio), num_attempts=10)
         decoded = None
         if len(req.augments) > 1 and cfg.dali.decode == "once":
             decoded = fn.decoders.image(jpegs, **decoder_args)
-        for augment in req.augments:
+        for v, augment in enumerate(req.augments):
+            crop = dict(random_area=list(cfg.for_view(v, len(req.augments)).crop_scale),
+                        random_aspect_ratio=list(cfg.crop_ratio), num_attempts=10)
             if decoded is not None:
                 images = fn.random_resized_crop(decoded, size=(size, size), **crop)
             else:

@@ -288,9 +288,9 @@ class FFCVLoader:
 
         size = cfg.progressive.size_at(0) if (cfg.progressive and req.training) else cfg.image_size
         if req.training:
-            self._decoders = [RandomResizedCropRGBImageDecoder((size, size), scale=tuple(cfg.crop_scale),
-                                                               ratio=tuple(cfg.crop_ratio))
-                              for _ in range(req.num_views)]
+            self._decoders = [RandomResizedCropRGBImageDecoder(
+                (size, size), scale=tuple(cfg.for_view(v, req.num_views).crop_scale), ratio=tuple(cfg.crop_ratio))
+                for v in range(req.num_views)]
         else:
             self._decoders = [CenterCropRGBImageDecoder((size, size), ratio=cfg.val_resize_ratio)
                               for _ in range(req.num_views)]

@@ -92,6 +92,9 @@ class DataConfig(_Strict):
     image_size: int = Field(224, gt=0)
     val_resize_ratio: float = Field(0.875, gt=0, le=1)  # validation: resize shorter side to size/ratio
     crop_scale: tuple[float, float] = (0.08, 1.0)
+    # one crop scale per training view (the official CDS ImageNet views: 0.08-1 for the classifier's,
+    # 0.2-1 for the contrastive one); default: crop_scale for every view
+    view_crop_scales: Optional[tuple[tuple[float, float], ...]] = None
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
     augment: Literal["contrastive", "simclr", "basic"] = "contrastive"
     # one augmentation per view, instead of the method's own (CDS: basic, contrastive) or `augment`
@@ -117,12 +120,22 @@ class DataConfig(_Strict):
 
     @model_validator(mode="after")
     def _ranges(self):
-        lo, hi = self.crop_scale
-        if not 0 < lo <= hi <= 1:
-            raise ValueError(f"crop_scale={list(self.crop_scale)} must satisfy 0 < min <= max <= 1")
+        for key, (lo, hi) in (("crop_scale", self.crop_scale),
+                              *((f"view_crop_scales[{v}]", s) for v, s in enumerate(self.view_crop_scales or ()))):
+            if not 0 < lo <= hi <= 1:
+                raise ValueError(f"{key}={[lo, hi]} must satisfy 0 < min <= max <= 1")
         if not 0 < self.crop_ratio[0] <= self.crop_ratio[1]:
             raise ValueError(f"crop_ratio={list(self.crop_ratio)} must satisfy 0 < min <= max")
         return self
+
+
+    def for_view(self, view: int, num_views: int) -> "DataConfig":
+        """The settings of training view ``view`` of ``num_views``: its own crop scale where
+        view_crop_scales gives one per view."""
+        scales = self.view_crop_scales
+        if scales is None or len(scales) != num_views:
+            return self
+        return self.model_copy(update={"crop_scale": scales[view]})
 
 
 @dataclass(frozen=True)

@@ -120,12 +120,13 @@ class TorchvisionLoader:
         self.stages = device_stages(cfg, req, req.augments)  # per view, or None: the workers colour and normalise
         if cfg.decode == "device":  # the workers read bytes and draw crops; the device decodes
             self.decoder = DeviceDecode(cfg.image_size, req.device)
-            dataset = TolerantImageFolder(folder, [_encoded, *(CropDraw(cfg, a) for a in req.augments)],
-                                          req.training, load=read_encoded)
+            draws = [CropDraw(cfg.for_view(v, req.num_views), a) for v, a in enumerate(req.augments)]
+            dataset = TolerantImageFolder(folder, [_encoded, *draws], req.training, load=read_encoded)
         else:
             self.decoder = None
-            dataset = TolerantImageFolder(folder, [build_transform(cfg, a, self.stages is None) for a in req.augments],
-                                          req.training)
+            transforms = [build_transform(cfg.for_view(v, req.num_views), a, self.stages is None)
+                          for v, a in enumerate(req.augments)]
+            dataset = TolerantImageFolder(folder, transforms, req.training)
         self.req, self.dtype, self.root = req, output_dtype(cfg), root
         self.num_classes = len(dataset.folder.classes)
         self.classes = dataset.folder.classes

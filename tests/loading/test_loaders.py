@@ -117,6 +117,42 @@ def test_simclr_augmentation_blurs_about_half_the_views(noise_folder, backend):
     assert 0.25 <= blurred <= 0.75, (rough, blurred)
 
 
+@pytest.mark.parametrize("backend,decode", [("torchvision", "host"), ("torchvision", "device"), ("dali", "host"),
+                                            ("ffcv", "host")])
+def test_each_view_crops_at_its_own_scale(noise_folder, tmp_path, backend, decode):
+    """data.view_crop_scales: view 0 crops 90-100 % of each image (its noise downscaled, rough), view 1
+    2-5 % (a patch upscaled, smooth)."""
+    pytest.importorskip({"dali": "nvidia.dali", "ffcv": "ffcv"}.get(backend, "torch"))
+    source = noise_folder
+    if backend == "ffcv":
+        from loaders.ffcv_convert import convert
+        source = tmp_path / "noise.beton"
+        convert(noise_folder, source, write_mode="raw", num_workers=1)
+    cfg = DataConfig(train=source, image_size=32, num_workers=1 if backend != "torchvision" else 0, decode=decode,
+                     view_crop_scales=((0.9, 1.0), (0.02, 0.05)))
+    loader = build_loader(backend, cfg, LoaderRequest(split="train", batch_size=8, augment=("basic", "basic"),
+                                                      num_views=2, seed=0))
+    (whole, patch), _ = next(iter(loader))
+    assert _roughness(patch.float()).max() < _roughness(whole.float()).min()
+    one_scale = cfg.model_copy(update={"view_crop_scales": None, "crop_scale": (0.9, 1.0)})
+    (first, second), _ = next(iter(build_loader(backend, one_scale, LoaderRequest(
+        split="train", batch_size=8, augment=("basic", "basic"), num_views=2, seed=0))))
+    assert _roughness(second.float()).min() > _roughness(patch.float()).max()  # the scales made the difference
+
+
+def test_view_crop_scales_need_one_entry_per_view(tmp_path):
+    from fasttrain.recipe import RecipeError, load_recipe
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"method: selfcon\ndata: {{train: {tmp_path}, val: {tmp_path}, "
+                      f"view_crop_scales: [[0.08, 1.0], [0.2, 1.0]]}}\n")
+    with pytest.raises(RecipeError, match=r"data.view_crop_scales=\[\[0.08, 1.0\], \[0.2, 1.0\]\]: method=selfcon "
+                                          r"has 1 view"):
+        load_recipe(recipe)
+    with pytest.raises(RecipeError, match=r"view_crop_scales\[1\]=\[0.5, 0.2\] must satisfy"):
+        load_recipe(recipe, ["method=supcon", "data.view_crop_scales=[[0.08,1],[0.5,0.2]]"])
+
+
 def test_ffcv_refuses_the_simclr_augmentation(sources):
     pytest.importorskip("ffcv")
     cfg = DataConfig(train=sources["ffcv"], image_size=16, num_workers=1, augment="simclr")
