@@ -70,10 +70,10 @@ class TolerantImageFolder(Dataset):
     read drops it (its item is ``None``): every readable image counts once, and no image twice.
     """
 
-    def __init__(self, folder, transforms, replace: bool, load=load_rgb):
+    def __init__(self, folder, transforms, replace: bool, load=None):
         self.folder = folder  # spec.image_folder
         self.transforms, self.replace = transforms, replace  # one per view
-        self.load = load  # path -> what the transforms take
+        self.load = load  # path -> what the transforms take (default: load_rgb, looked up at each read)
 
     def __len__(self):
         return len(self.folder.samples)
@@ -83,7 +83,7 @@ class TolerantImageFolder(Dataset):
         for attempt in range(len(self) if self.replace else 1):
             path, label = self.folder.samples[(index + attempt) % len(self)]
             try:
-                image = self.load(path)
+                image = (self.load or load_rgb)(path)
             except Exception as exc:  # PIL raises many types for a broken file
                 skipped.append(f"{path} ({type(exc).__name__}: {exc})")
                 continue
