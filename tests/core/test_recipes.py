@@ -45,35 +45,43 @@ def test_a_paper_recipe_follows_the_official_script(name):
     assert not differ, f"{name}: recipe value vs official: {differ}"
 
 
-TABLE1 = PAPER / "selfcon_table1"
-T1 = yaml.safe_load((TABLE1 / "official.yaml").read_text())
-T1_CELLS = [(d, a, m) for d in T1["datasets"] for a in T1["archs"] for m in T1["methods"]]
-T1_ELSEWHERE = {("cifar100", "r18", "selfcon"): PAPER / "selfcon_cifar100_r18.yaml",
-                ("cifar100", "r18", "supcon"): PAPER / "supcon_cifar100_r18.yaml"}
+# SelfCon Tables 1 and 2 as matrices: a cell's official values are the table's common ones updated by its
+# dataset's, architecture's and method's; the cells that sit in recipes/paper/ itself are named here
+TABLES = {"selfcon_table1": {("cifar100", "r18", "selfcon"): "selfcon_cifar100_r18.yaml",
+                             ("cifar100", "r18", "supcon"): "supcon_cifar100_r18.yaml"},
+          "selfcon_table2": {("imagenet", "r34", "selfcon"): "selfcon_imagenet_r34.yaml"}}
+MATRIX = {name: yaml.safe_load((PAPER / name / "official.yaml").read_text()) for name in TABLES}
+CELLS = [(name, (d, a, m)) for name, table in MATRIX.items()
+         for d in table["paper"] for a in table["paper"][d] for m in table["paper"][d][a]]
 
 
-def table1_recipe(cell) -> Path:
-    return T1_ELSEWHERE.get(cell, TABLE1 / f"{'_'.join(cell)}.yaml")
+def cell_recipe(table: str, cell) -> Path:
+    elsewhere = TABLES[table].get(cell)
+    return PAPER / elsewhere if elsewhere else PAPER / table / f"{'_'.join(cell)}.yaml"
 
 
-@pytest.mark.parametrize("cell", T1_CELLS, ids="_".join)
-def test_every_cell_of_selfcon_table1_follows_the_official_scripts(cell):
+@pytest.mark.parametrize("table,cell", CELLS, ids=lambda x: x if isinstance(x, str) else "_".join(x))
+def test_every_cell_of_selfcon_tables_1_and_2_follows_the_official_scripts(table, cell):
     dataset, arch, method = cell
-    want = {**T1["ce" if method == "ce" else "represent"], **T1["datasets"][dataset], **T1["archs"][arch],
-            **T1["methods"][method]}
-    recipe = load_recipe(table1_recipe(cell))
+    matrix = MATRIX[table]
+    common = matrix["ce"] if method == "ce" else matrix["represent"]
+    want = {**common, **matrix["datasets"][dataset], **matrix["archs"][arch], **matrix["methods"][method]}
+    recipe = load_recipe(cell_recipe(table, cell))
     assert recipe.method == method
     differ = {key: (effective(recipe, key), value) for key, value in want.items() if effective(recipe, key) != value}
-    assert not differ, f"{cell}: recipe value vs official: {differ}"
+    assert not differ, f"{table} {cell}: recipe value vs official: {differ}"
 
 
-def test_selfcon_table1_has_one_recipe_and_one_docs_row_per_cell():
-    files = {p.name for p in TABLE1.glob("*.yaml") if not p.name.startswith("_") and p.name != "official.yaml"}
-    assert files == {table1_recipe(cell).name for cell in T1_CELLS if cell not in T1_ELSEWHERE}
+@pytest.mark.parametrize("table", sorted(TABLES))
+def test_a_table_has_one_recipe_and_one_docs_row_per_cell(table):
+    cells = [cell for name, cell in CELLS if name == table]
+    files = {p.name for p in (PAPER / table).glob("*.yaml") if not p.name.startswith("_") and p.name != "official.yaml"}
+    assert files == {cell_recipe(table, cell).name for cell in cells if cell not in TABLES[table]}
     docs = (REPO / "docs" / "reproduce.md").read_text()
-    for cell in T1_CELLS:
-        row = next((line for line in docs.splitlines() if str(table1_recipe(cell).relative_to(REPO)) in line), "")
-        assert T1["paper"][cell[0]][cell[1]][cell[2]] in row, f"{cell}: no docs row with the paper's number"
+    for cell in cells:
+        row = next((line for line in docs.splitlines() if str(cell_recipe(table, cell).relative_to(REPO)) in line
+                    and "Table 3" not in line), "")
+        assert MATRIX[table]["paper"][cell[0]][cell[1]][cell[2]] in row, f"{cell}: no docs row with the paper's number"
 
 
 def test_the_conformance_check_sees_a_drift(tmp_path):
