@@ -130,6 +130,7 @@ def measure(args) -> dict:
     elapsed = last - began
     cpu_per_image = (host_cpu_seconds() - cpu_before) / images
     stats = summarize(times)
+    row.update(split_stages(loader, stream, args, sync, views))
     return {**row, "available": True, "reason": None, "dataset_images": loader.num_samples,
             "images_per_second": images / elapsed, "crops_per_second": images * args.num_views / elapsed,
             "batch_time_median_s": stats["median"], "batch_time_iqr_s": stats["iqr"], "timed_batches": args.batches,
@@ -139,6 +140,39 @@ def measure(args) -> dict:
             # the host's CPU time (this process and its loader workers) per image, and what it implies
             "host_cpu_seconds_per_image": cpu_per_image, "host_cores_for_3000_images_per_second": cpu_per_image * 3000,
             "bytes_to_device_per_image": transfer_bytes(loader, args)}
+
+
+def split_stages(loader, stream, args, sync, views) -> dict:
+    """Where the colour runs on the device (``loader.stages``): the host stage alone (read, decode,
+    crop, flip; uint8 handed over), timed over as many batches with the stages swapped for a plain
+    conversion, and the device stage's own cost per image, timed on a batch of that shape."""
+    stages = getattr(loader, "stages", None)
+    if not stages or getattr(loader, "decoder", None) is not None:
+        return {"host_stage_images_per_second": None, "device_stage_ms_per_image": None}
+    import torch
+
+    batch = torch.randint(0, 256, tuple(views[0].shape), dtype=torch.uint8, device=views[0].device)
+    for stage in stages:  # warm-up
+        stage(batch)
+    sync()
+    start = time.perf_counter()
+    for _ in range(5):
+        for stage in stages:
+            stage(batch)
+    sync()
+    device_ms = (time.perf_counter() - start) / (5 * batch.shape[0]) * 1e3
+    loader.stages = [lambda x: x.float() for _ in stages]  # the uint8 crops as they arrive, no colour
+    try:
+        next(stream)
+        sync()
+        images, start = 0, time.perf_counter()
+        for _ in range(args.batches):
+            images += next(stream)[1].shape[0]
+        sync()
+        host_rate = images / (time.perf_counter() - start)
+    finally:
+        loader.stages = stages
+    return {"host_stage_images_per_second": host_rate, "device_stage_ms_per_image": device_ms}
 
 
 def host_cpu_seconds() -> float:
@@ -233,12 +267,19 @@ def table(rows: list[dict], args, ceiling: dict) -> str:
 def host_table(rows: list[dict]) -> str:
     """What feeding costs the host: CPU time per image (the process and its workers), the cores that
     3,000 images/s (a ResNet-50 on one H100/H200) would need, and the bytes per image sent to the device."""
+    def maybe(value, fmt):
+        return "–" if value is None else fmt.format(value)
+
     body = [[r["backend"], r["num_views"], f"{r['host_cpu_seconds_per_image'] * 1000:.2f}",
              f"{r['host_cores_for_3000_images_per_second']:.1f}",
-             "–" if r.get("bytes_to_device_per_image") is None else f"{r['bytes_to_device_per_image'] / 1024:.0f} KiB"]
+             maybe(r.get("bytes_to_device_per_image") and r["bytes_to_device_per_image"] / 1024, "{:.0f} KiB"),
+             maybe(r.get("host_stage_images_per_second"), "{:.1f}"), maybe(r.get("host_stage_fraction_of_ceiling"),
+                                                                          "{:.2f}"),
+             maybe(r.get("device_stage_ms_per_image"), "{:.2f}")]
             for r in rows if r.get("available") and "host_cpu_seconds_per_image" in r]
     return markdown_table(["backend", "views", "host CPU ms / image", "host cores for 3,000 img/s",
-                           "to the device / image"], body)
+                           "to the device / image", "host stage alone: images/s", "host stage / ceiling",
+                           "device stage ms / image"], body)
 
 
 def main(argv=None) -> int:
@@ -271,6 +312,9 @@ def main(argv=None) -> int:
             row.update(backend=backend, num_views=views, conversion_seconds=conversion)
             if row["available"] and ceiling_rate(ceiling, views):
                 row["fraction_of_ceiling"] = row["images_per_second"] / ceiling_rate(ceiling, views)
+                if row.get("host_stage_images_per_second"):
+                    row["host_stage_fraction_of_ceiling"] = (row["host_stage_images_per_second"]
+                                                             / ceiling_rate(ceiling, views))
             rows.append(row)
             if row["available"]:
                 print(f"[loaders] {backend:<11} {views} view(s): {row['images_per_second']:8.1f} images/s "

@@ -108,6 +108,16 @@ def test_loader_throughput_tiny(tmp_path):
         assert best["method"] in ceiling["candidates"]
         assert row["fraction_of_ceiling"] == pytest.approx(row["images_per_second"] / best["images_per_second"])
     assert "| ceiling |" in (out / "loader_throughput.md").read_text()
+    # the colour on the device: the host stage alone and the device stage are timed apart
+    assert loader_throughput.main(["--data", str(data), "--backends", "torchvision", "--views", "1", "--workers", "0",
+                                   "--batch-size", "4", "--image-size", "32", "--batches", "2", "--colour-stage",
+                                   "device", "--out", str(tmp_path / "split")]) == 0
+    split, = _outputs(tmp_path / "split", "loader_throughput")["results"]
+    assert split["host_stage_images_per_second"] > 0 and split["device_stage_ms_per_image"] > 0
+    assert split["host_stage_fraction_of_ceiling"] == pytest.approx(
+        split["host_stage_images_per_second"] / split["images_per_second"] * split["fraction_of_ceiling"])
+    assert split["bytes_to_device_per_image"] == 3 * 32 * 32  # uint8 crops
+    assert all(r["host_stage_images_per_second"] is None for r in results)  # the colour in the workers
     # decoded on the device: the files cross, not pixels (the same 1 view, every other number alike)
     rc = loader_throughput.main(["--data", str(data), "--backends", "torchvision", "--views", "1", "--workers", "0",
                                  "--batch-size", "4", "--image-size", "32", "--batches", "2", "--decode", "device",
