@@ -98,7 +98,7 @@ def plan(args, sizes: Sizes, photos: Path, demo_data: Path) -> list[Part]:
             throughput + ["--method", "ce", "--backends", "synthetic", "--out", out / "train_throughput_ce"],
             bare + ["--out", out / "bare_loop" / "eager.json"]]),
         # issue: the loader-fed trainer at >= 0.9 of synthetic input (ResNet-50 SelfCon, batch 256 on a GPU)
-        Part("loader_fed", 240, [
+        Part("loader_fed", 330, [
             python("-m", "benchmarks.train_throughput", "--data", photos / "train", "--arch", sizes.arch,
                    "--batch-size", 2 * sizes.batch, "--image-size", sizes.image, "--precision", sizes.precision,
                    "--workers", sizes.workers, "--steps", sizes.steps, "--timeout", 150, "--method", "selfcon",
