@@ -8,8 +8,9 @@ path that decodes on a GPU where DALI will not install.
   (nvJPEG on a GPU, batched), then per image a crop (a view, no copy), an antialiased bilinear resize
   and the flip; the device stage (``DeviceColour``) adds the colour and the normalisation.
 
-A file that is no JPEG, or a JPEG nvJPEG does not take (CMYK), is decoded in the worker instead
-(``load_rgb``) and handed over as pixels. A file whose bytes do not decode is left out and counted
+A file that is no JPEG, a JPEG nvJPEG does not take (CMYK), or one with an EXIF orientation (which
+``decode_jpeg`` applies on the CPU only) is decoded in the worker instead (``load_rgb``) and handed
+over as pixels. A file whose bytes do not decode is left out and counted
 as the host path counts it; in training its place in the batch goes to another image of the batch
 (with its label), so every batch keeps its size.
 """
@@ -27,13 +28,12 @@ from loaders.spec import DataConfig, load_rgb
 
 JPEG_MARKER = b"\xff\xd8\xff"
 DEVICE_AUGMENTS = frozenset({"basic", "contrastive", "simclr", "center"})  # crop + flip (or centre) here
-_ROTATED = {5, 6, 7, 8}  # EXIF orientations that swap width and height
 
 
 class EncodedImage(NamedTuple):
     path: str
     data: torch.Tensor  # 1-D uint8: the file's bytes (a JPEG); or [3, H, W] uint8 pixels decoded on the host
-    height: int  # as displayed (EXIF orientation applied)
+    height: int
     width: int
 
 
@@ -45,13 +45,12 @@ def read_encoded(path: str) -> EncodedImage:
         data = f.read()
     with Image.open(path) as image:
         width, height = image.size
-        plain_jpeg = image.format == "JPEG" and image.mode in ("RGB", "L") and data.startswith(JPEG_MARKER)
-        orientation = image.getexif().get(0x0112, 1) if plain_jpeg else 1
+        # an EXIF-oriented JPEG goes the host way too: decode_jpeg applies the orientation on the CPU only
+        plain_jpeg = (image.format == "JPEG" and image.mode in ("RGB", "L") and data.startswith(JPEG_MARKER)
+                      and image.getexif().get(0x0112, 1) == 1)
     if not plain_jpeg:
         pixels = torch.from_numpy(np.array(load_rgb(path), dtype=np.uint8)).permute(2, 0, 1).contiguous()
         return EncodedImage(path, pixels, pixels.shape[1], pixels.shape[2])
-    if orientation in _ROTATED:
-        width, height = height, width
     return EncodedImage(path, torch.frombuffer(bytearray(data), dtype=torch.uint8), height, width)
 
 
@@ -108,13 +107,12 @@ class DeviceDecode:
             return out
         try:  # one call for the batch: nvJPEG decodes it batched
             for i, x in zip(jpegs, decode_jpeg([datas[i] for i in jpegs], mode=ImageReadMode.RGB,
-                                               device=self.device, apply_exif_orientation=True)):
+                                               device=self.device)):
                 out[i] = x
         except RuntimeError:  # a file of the batch does not decode: find it, decode the others
             for i in jpegs:
                 try:
-                    out[i] = decode_jpeg(datas[i], mode=ImageReadMode.RGB, device=self.device,
-                                         apply_exif_orientation=True)
+                    out[i] = decode_jpeg(datas[i], mode=ImageReadMode.RGB, device=self.device)
                 except RuntimeError:
                     out[i] = None
         return out
@@ -123,7 +121,9 @@ class DeviceDecode:
         top, left, height, width, flip, resized_h, resized_w = box
         if resized_h:  # evaluation: resize the whole image, then cut the centre
             image = _resize(image, resized_h, resized_w)
-        height, width = min(height, image.shape[1] - top), min(width, image.shape[2] - left)  # a lying header
+        # a header that lies about the size: the box stays inside what was decoded
+        top, left = min(top, image.shape[1] - 1), min(left, image.shape[2] - 1)
+        height, width = min(height, image.shape[1] - top), min(width, image.shape[2] - left)
         x = _resize(image[:, top:top + height, left:left + width], self.size, self.size)
         return x.flip(-1) if flip else x
 

@@ -66,7 +66,7 @@ torch.set_num_threads(_TORCH_THREADS)
 from loaders import FFCV_BATCHES_AHEAD, shard, subset_indices  # noqa: E402
 from loaders.spec import (COLOUR_STRENGTH, DataConfig, LoaderError, LoaderRequest, beton_classes,  # noqa: E402
                           output_dtype, require_path, split_classes, to_device)
-from loaders.device_stage import device_stages  # noqa: E402
+from loaders.device_stage import DeviceColour, device_stages  # noqa: E402
 
 log = logging.getLogger(__name__)
 _NUMBA_DISPATCHER = os.path.join("numba", "core", "dispatcher.py")
@@ -284,7 +284,7 @@ class FFCVLoader:
         self.stages = device_stages(cfg, req, augments)
         self._host_colour = self.stages is None
         if self.stages is None and self._cuda:  # ffcv's GPU NormalizeImage needs cupy: torch's instead
-            self.stages = device_stages(cfg, req, ("center",) * req.num_views)
+            self.stages = [DeviceColour("center", cfg.image_size, cfg.mean, cfg.std)] * req.num_views
 
         size = cfg.progressive.size_at(0) if (cfg.progressive and req.training) else cfg.image_size
         if req.training:

@@ -201,6 +201,8 @@ class TorchvisionLoader:
                 self.skipped.add(images[i].path)
                 log.warning("skipping unreadable image %s (its bytes do not decode)", images[i].path)
         if len(failed) == len(images):
+            if self.req.training:  # every process must take the step: a batch skipped here alone would hang the others
+                raise LoaderError(f"data.{self.req.split}: no image of a batch decodes ({images[0].path}, ...)")
             return None, None
         if self.req.training:
             return fill_failed(views, labels, failed, len(images))

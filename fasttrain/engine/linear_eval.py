@@ -41,8 +41,8 @@ def eval_loader(recipe: Recipe, accelerator: Accelerator, split: str, augment: s
                 crop_scale: Optional[tuple[float, float]] = None):
     """A one-view loader for evaluating a frozen encoder (linear evaluation, k-NN)."""
     batch = _batch(recipe, accelerator)
-    data = recipe.data if crop_scale is None else recipe.data.model_copy(
-        update={"crop_scale": crop_scale, "view_crop_scales": None})
+    # one view, at its own scale: data.crop_scale or linear_eval.crop_scale, never a training view's
+    data = recipe.data.model_copy(update={"crop_scale": crop_scale or recipe.data.crop_scale, "view_crop_scales": None})
     return build_loader(recipe.loader, data, LoaderRequest(
         split=split, batch_size=batch, augment=augment, num_views=1, device=accelerator.device,
         rank=accelerator.process_index, world_size=accelerator.num_processes, seed=recipe.train.seed + 1,

@@ -62,6 +62,9 @@ def test_exif_rotation_cmyk_and_png_decode_as_the_host_does(tmp_path):
     Image.fromarray(pixels).convert("CMYK").save(tmp_path / "c0" / "cmyk.jpg", "JPEG", quality=95)
     Image.fromarray(pixels).save(tmp_path / "c1" / "plain.png")
     write_jpeg(tmp_path / "c1" / "plain.jpg", pixels)
+    from loaders.device_decode import read_encoded
+    # on a GPU decode_jpeg ignores EXIF orientation: an oriented JPEG, like CMYK and PNG, crosses as pixels
+    assert [read_encoded(str(p)).data.dim() for p in sorted(tmp_path.rglob("*.*"))] == [3, 3, 1, 3]
     (host, host_labels), = load(tmp_path, "host", batch_size=4)[1]
     (device, device_labels), = load(tmp_path, "device", batch_size=4)[1]
     assert torch.equal(host_labels, device_labels)
@@ -91,6 +94,27 @@ def test_bytes_that_do_not_decode_are_skipped_and_counted_and_training_batches_k
     (views, labels), = batches
     assert views[0].shape[0] == labels.shape[0] == 25 and len(loader.skipped) == 1
     assert sum("img_zz_broken.jpg" in r.getMessage() for r in caplog.records) == 2  # once per loader
+
+
+def test_a_training_batch_where_nothing_decodes_is_an_error_not_a_skipped_step(folder, tmp_path):
+    from loaders import LoaderError
+
+    good = (folder / "class_00" / "img_000.jpg").read_bytes()
+    for c in ("a", "b"):
+        (tmp_path / c).mkdir()
+        for i in range(2):  # headers that read, data that does not decode
+            (tmp_path / c / f"{i}.jpg").write_bytes(good[:400] + bytes(3000))
+    with pytest.raises(LoaderError, match="no image of a batch decodes"):
+        load(tmp_path, "device", split="train", augment="basic", batch_size=2)  # other processes would wait
+
+
+def test_a_box_beyond_the_decoded_image_is_kept_inside_it():
+    from loaders.device_decode import DeviceDecode
+
+    image = torch.randint(0, 256, (3, 20, 30), dtype=torch.uint8)
+    crop = DeviceDecode(8, torch.device("cpu"))._crop(image, [25, 40, 10, 10, 0, 0, 0])  # a header that lied
+    assert crop.shape == (3, 8, 8) and crop.dtype == torch.uint8
+    assert torch.equal(crop, image[:, 19:20, 29:30].expand(3, 8, 8))  # the last pixel, resized
 
 
 def test_a_failed_image_is_replaced_by_another_of_the_batch_with_its_label():
