@@ -27,7 +27,6 @@ from torchvision.transforms import functional as TF
 from loaders.spec import DataConfig, load_rgb
 
 JPEG_MARKER = b"\xff\xd8\xff"
-DEVICE_AUGMENTS = frozenset({"basic", "contrastive", "simclr", "center"})  # crop + flip (or centre) here
 
 
 class EncodedImage(NamedTuple):
@@ -83,17 +82,16 @@ class DeviceDecode:
 
     def __init__(self, size: int, device: torch.device):
         self.size, self.device = size, device
-        self.failed: list[int] = []  # the batch positions of the last call whose bytes did not decode
 
-    def __call__(self, images: Sequence[EncodedImage], boxes: torch.Tensor) -> list[Optional[torch.Tensor]]:
-        """``boxes [V, B, 5]`` -> per view ``[B', 3, size, size]`` uint8 on the device, B' the images
-        that decoded (the positions of the others: ``self.failed``)."""
+    def __call__(self, images: Sequence[EncodedImage], boxes: torch.Tensor):
+        """``boxes [V, B, 7]`` -> (per view ``[B', 3, size, size]`` uint8 on the device, B' the images
+        that decoded; the batch positions of those that did not)."""
         decoded = self._decode([image.data for image in images])
-        self.failed = [i for i, x in enumerate(decoded) if x is None]
         keep = [i for i, x in enumerate(decoded) if x is not None]
+        failed = [i for i, x in enumerate(decoded) if x is None]
         boxes_list = boxes.tolist()  # a CPU tensor: no device read
-        return [torch.stack([self._crop(decoded[i], view[i]) for i in keep]) if keep else None
-                for view in boxes_list]
+        return [torch.stack([self._crop(decoded[i], view[i]) for i in keep]) for view in boxes_list] if keep \
+            else None, failed
 
     def _decode(self, datas: list[torch.Tensor]) -> list[Optional[torch.Tensor]]:
         from torchvision.io import ImageReadMode, decode_jpeg
@@ -136,25 +134,12 @@ def _resize(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return x.round_().clamp_(0, 255).to(torch.uint8)[0]
 
 
-def collate_encoded(batch):
-    """Items ``((EncodedImage, box per view...), label, skipped)`` -> (images, boxes ``[V, B, 5]``),
-    labels, skipped; the unreadable items (``None``) left out."""
-    readable = [(item, label) for item, label, _ in batch if item is not None]
-    skipped = [entry for _, _, item in batch for entry in item]
-    if not readable:
-        return None, None, skipped
-    items, labels = zip(*readable)
-    images = [item[0] for item in items]
-    boxes = torch.stack([torch.stack([item[v] for item in items]) for v in range(1, len(items[0]))])
-    return (images, boxes), torch.tensor(labels, dtype=torch.long), skipped
-
-
-def fill_failed(views: list[torch.Tensor], labels: torch.Tensor, failed: list[int], batch: int):
+def fill_failed(views: list[torch.Tensor], labels: torch.Tensor, failed: list[int]):
     """A training batch keeps its size: the images that did not decode are replaced by others of the
     batch (cycling over the decoded ones), with their labels. ``views`` hold the decoded rows only."""
     if not failed:
         return views, labels
-    bad = set(failed)
+    batch, bad = labels.shape[0], set(failed)
     kept = [i for i in range(batch) if i not in bad]
     row = {i: r for r, i in enumerate(kept)}
     take = torch.tensor([row[j] if j in row else k % len(kept) for k, j in enumerate(range(batch))])

@@ -157,9 +157,6 @@ def _gaussian_blur(x: torch.Tensor, kernel: int, sigma: torch.Tensor) -> torch.T
     return flat.view(batch, channels, height, width)
 
 
-__all__ = ["ColourParams", "DeviceColour"]
-
-
 def device_stages(cfg: DataConfig, req: LoaderRequest, augments: Sequence[str]) -> Optional[list[DeviceColour]]:
     """One DeviceColour per view (of ``augments``) when the colour runs on the device: data.colour_stage
     device, or auto on a GPU, or JPEGs decoded on the device; else None (the host colours and
@@ -170,3 +167,7 @@ def device_stages(cfg: DataConfig, req: LoaderRequest, augments: Sequence[str]) 
     if not on_device or any(a.startswith("padcrop") for a in augments):
         return None
     return [DeviceColour(a, cfg.image_size, cfg.mean, cfg.std) for a in augments]
+
+
+__all__ = ["ColourParams", "DeviceColour", "device_stages"]
+

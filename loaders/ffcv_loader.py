@@ -65,7 +65,7 @@ torch.set_num_threads(_TORCH_THREADS)
 # first-party imports after the third-party ffcv ones, which must follow the thread count's capture above
 from loaders import FFCV_BATCHES_AHEAD, shard, subset_indices  # noqa: E402
 from loaders.spec import (COLOUR_STRENGTH, DataConfig, LoaderError, LoaderRequest, beton_classes,  # noqa: E402
-                          output_dtype, require_path, split_classes, to_device)
+                          class_difference, output_dtype, require_path, split_classes, to_device)
 from loaders.device_stage import DeviceColour, device_stages  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -258,11 +258,8 @@ def _check_classes(cfg: DataConfig, split: str, path: Path, key: str) -> Optiona
             log.warning("%s: %s has no .classes.json beside it (converted by an earlier fasttrain): its labels "
                         "cannot be checked against the training split's classes", key, path)
         return own
-    missing, extra = sorted(set(train) - set(own)), sorted(set(own) - set(train))
-    what = "; ".join(p for p in (f"missing {', '.join(missing)}" if missing else "",
-                                 f"extra {', '.join(extra)}" if extra else "") if p) or "numbered in another order"
-    raise LoaderError(f"{key}: {path} holds other classes than the training split ({what}): convert it again "
-                      f"with --classes-from TRAIN_DIR")
+    raise LoaderError(f"{key}: {path} holds other classes than the training split ({class_difference(train, own)}): "
+                      f"convert it again with --classes-from TRAIN_DIR")
 
 
 class FFCVLoader:

@@ -128,7 +128,6 @@ class DataConfig(_Strict):
             raise ValueError(f"crop_ratio={list(self.crop_ratio)} must satisfy 0 < min <= max")
         return self
 
-
     def for_view(self, view: int, num_views: int) -> "DataConfig":
         """The settings of training view ``view`` of ``num_views``: its own crop scale where
         view_crop_scales gives one per view."""
@@ -243,6 +242,14 @@ def class_names(root: Path) -> list[str]:
     return sorted(e.name for e in os.scandir(root) if e.is_dir() and _visible(e.name))
 
 
+def class_difference(expected: Sequence[str], own: Sequence[str]) -> str:
+    """How a split's class list differs from the training split's, in words."""
+    missing, extra = sorted(set(expected) - set(own)), sorted(set(own) - set(expected))
+    return "; ".join(part for part in (f"missing {', '.join(missing)}" if missing else "",
+                                       f"extra {', '.join(extra)}" if extra else "") if part) \
+        or "numbered in another order"
+
+
 def image_folder(root: Path, key: str, classes: Optional[Sequence[str]] = None):
     """torchvision's ImageFolder of ``root`` whose labels index ``classes`` (the training split's, so
     that every split of a dataset numbers its classes alike; default: ``root``'s own). Only visible
@@ -256,11 +263,9 @@ def image_folder(root: Path, key: str, classes: Optional[Sequence[str]] = None):
     if not own:
         raise LoaderError(f"{key}: {root} has no class folders (one sub-folder of images per class)")
     classes = list(classes) if classes is not None else own
-    missing, extra = sorted(set(classes) - set(own)), sorted(set(own) - set(classes))
-    if missing or extra:
+    if set(classes) != set(own):
         raise LoaderError(f"{key}: {root} has other class folders than the training split: "
-                          + "; ".join(part for part in (f"missing {', '.join(missing)}" if missing else "",
-                                                        f"extra {', '.join(extra)}" if extra else "") if part))
+                          f"{class_difference(classes, own)}")
 
     class Folder(datasets.ImageFolder):
         def find_classes(self, directory):

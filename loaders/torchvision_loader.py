@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torchvision import transforms as T
 
 from loaders import TORCHVISION_PREFETCH_FACTOR, shard, subset_indices
-from loaders.device_decode import CropDraw, DeviceDecode, collate_encoded, fill_failed, read_encoded
+from loaders.device_decode import CropDraw, DeviceDecode, fill_failed, read_encoded
 from loaders.device_stage import device_stages
 from loaders.spec import (BLUR_P, BLUR_SIGMA, COLOUR_STRENGTH, DataConfig, LoaderError, LoaderRequest, blur_kernel,
                           image_folder, load_rgb, output_dtype, require_path, split_classes, to_device)
@@ -91,14 +91,23 @@ class TolerantImageFolder(Dataset):
         return None, None, skipped
 
 
-def _collate(batch):
-    """Stacked views and labels of the readable items (``None`` if there is none), and what was skipped."""
+def _collate(batch, encoded: bool = False):
+    """The readable items' views and labels (``None`` if there is none), and what was skipped. Views
+    are stacked per view; ``encoded`` (device decoding): the items are (EncodedImage, box per view...),
+    collated as (the EncodedImages, boxes ``[V, B, 7]``)."""
     readable = [(views, label) for views, label, _ in batch if views is not None]
     skipped = [entry for _, _, item in batch for entry in item]
     if not readable:
         return None, None, skipped
     views, labels = zip(*readable)
-    return tuple(torch.stack(v) for v in zip(*views)), torch.tensor(labels, dtype=torch.long), skipped
+    per_view = list(zip(*views))
+    stacked = ([*per_view[0]], torch.stack([torch.stack(v) for v in per_view[1:]])) if encoded else \
+        tuple(torch.stack(v) for v in per_view)
+    return stacked, torch.tensor(labels, dtype=torch.long), skipped
+
+
+def _collate_encoded(batch):
+    return _collate(batch, encoded=True)
 
 
 class _SkippingSampler(DistributedSampler):
@@ -146,7 +155,7 @@ class TorchvisionLoader:
                               f"of {req.batch_size}")
         self.loader = DataLoader(
             source, batch_size=req.batch_size, sampler=sampler, shuffle=False, drop_last=req.training,
-            num_workers=cfg.num_workers, collate_fn=collate_encoded if self.decoder else _collate,
+            num_workers=cfg.num_workers, collate_fn=_collate_encoded if self.decoder else _collate,
             pin_memory=req.device.type == "cuda",
             generator=self.generator,
             # evaluation reads (k-NN every epoch, a linear evaluation's cached features) start their workers
@@ -194,8 +203,7 @@ class TorchvisionLoader:
     def _decode(self, images, boxes, labels):
         """uint8 crops on the device per view; a file whose bytes did not decode is skipped as an
         unreadable one (training: its place goes to another image of the batch)."""
-        views = self.decoder(images, boxes)
-        failed = self.decoder.failed
+        views, failed = self.decoder(images, boxes)
         for i in failed:
             if images[i].path not in self.skipped:
                 self.skipped.add(images[i].path)
@@ -205,7 +213,7 @@ class TorchvisionLoader:
                 raise LoaderError(f"data.{self.req.split}: no image of a batch decodes ({images[0].path}, ...)")
             return None, None
         if self.req.training:
-            return fill_failed(views, labels, failed, len(images))
+            return fill_failed(views, labels, failed)
         return views, labels[[i for i in range(len(images)) if i not in set(failed)]]
 
 

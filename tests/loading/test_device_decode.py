@@ -119,7 +119,7 @@ def test_a_box_beyond_the_decoded_image_is_kept_inside_it():
 
 def test_a_failed_image_is_replaced_by_another_of_the_batch_with_its_label():
     decoded = [torch.tensor([10, 30, 40])]  # rows of positions 0, 2, 3 of a batch of 4 (1 failed)
-    views, labels = fill_failed(decoded, torch.tensor([0, 1, 2, 3]), failed=[1], batch=4)
+    views, labels = fill_failed(decoded, torch.tensor([0, 1, 2, 3]), failed=[1])
     assert views[0].tolist() == [10, 30, 30, 40] and labels.tolist() == [0, 2, 2, 3]
     rows = dict(zip(views[0].tolist(), labels.tolist()))
     assert rows == {10: 0, 30: 2, 40: 3}  # every image keeps its own label
