@@ -9,6 +9,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import NamedTuple, Optional, Sequence
 
@@ -78,6 +79,29 @@ def synthetic_step(recipe, num_classes: int) -> SyntheticStep:
 
 
 # ---------------------------------------------------------------- worker processes
+
+
+def time_steps(step, views, labels, device, steps: int) -> tuple[list[float], Optional[list[float]]]:
+    """``steps`` calls of a training step, each timed: CUDA events on a GPU (no host wait between
+    steps), wall and process CPU time around a completed step on a CPU (its ops complete before they
+    return). Returns (seconds per step, CPU seconds per step or None on a GPU)."""
+    import torch
+
+    if device.type == "cuda":
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(steps)]
+        for start, end in events:
+            start.record()
+            step(views, labels)
+            end.record()
+        torch.cuda.synchronize(device)
+        return [start.elapsed_time(end) / 1000 for start, end in events], None
+    times, cpu_times = [], []
+    for _ in range(steps):
+        start, start_cpu = time.perf_counter(), time.process_time()
+        step(views, labels)
+        times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - start_cpu)
+    return times, cpu_times
 
 
 def run_worker(module: str, args: Sequence[str], *, timeout: Optional[float] = None) -> dict:

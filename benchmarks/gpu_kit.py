@@ -17,7 +17,8 @@ matters most when time runs short:
 5. host_syncs: host reads and CUDA synchronisations per unlogged step, per method;
 6. loss_scaling: the contrastive loss's time and memory against the batch;
 7. demo: a short compiled run of the demo recipe with its k-NN monitor and linear evaluation;
-8. step_cost_compiled and bare_loop_compiled: the same with ``torch.compile``.
+8. step_cost_compiled and bare_loop_compiled: the same with ``torch.compile``;
+9. recipe_cost: every paper recipe's own step, timed, as device-hours (docs/reproduce.md's column).
 
 ``OUT/kit.json`` holds every part's status, wall time and headline numbers; ``OUT/kit.md`` the table.
 Exit status 1 if any part failed or timed out (a part skipped for want of time is not a failure).
@@ -130,6 +131,12 @@ def plan(args, sizes: Sizes, photos: Path, demo_data: Path) -> list[Part]:
                                           "--views", "2,4", "--processes", 1, "--max-logits-gib", 16,
                                           "--out", out / "loss_scaling")]),
     ]
+    # the dry run: one recipe, shrunk; the GPU: every paper recipe at its own settings
+    cost = ["recipes/paper/selfcon_cifar100_r18.yaml", "--set", "data.image_size=16", "--set", "model.width=8",
+            "--set", f"train.precision={sizes.precision}", "--max-batch", 4, "--warmup", 0, "--steps", 1] \
+        if args.dry_run else ["recipes/paper", "--warmup", 2, "--steps", 5]
+    parts.append(Part("recipe_cost", 360, [python("-m", "benchmarks.recipe_cost", *cost,
+                                                  "--out", out / "recipe_cost")]))
     return parts
 
 
@@ -222,6 +229,10 @@ def headlines(out: Path) -> dict:
     trainer, bare = found.get("train_throughput/ce/synthetic"), found.get("bare_loop/eager")
     if trainer and bare:
         found["trainer_overhead"] = {"trainer_over_bare": trainer["images_per_second"] / bare["images_per_second"]}
+    for row in (_read(out / "recipe_cost" / "recipe_cost.json") or {}).get("recipes", []):
+        if row.get("device_hours") is not None:
+            found[f"recipe_cost/{Path(row['recipe']).stem}"] = {
+                "images_per_second": row["images_per_second"], "device_hours": row["device_hours"]}
     syncs = _read(out / "host_syncs" / "host_syncs.json")
     for row in (syncs or {}).get("methods", []):
         found[f"host_syncs/{row['method']}"] = {"python_reads_per_step": row["python_reads_per_step"],

@@ -22,7 +22,7 @@ from pathlib import Path
 
 
 from benchmarks.common import (bar_chart, markdown_table, parts_chart, recipe_for, run_worker,  # noqa: E402
-                               shown, summarize, synthetic_step, write_json, write_report)
+                               shown, summarize, synthetic_step, time_steps, write_json, write_report)
 from fasttrain.engine.profiling import TRACE_NAME, parts_table  # noqa: E402
 
 METHODS = ("ce", "supcon", "selfcon_m", "supcon_s", "selfcon", "dsn", "cds", "simclr", "selfcon_su", "selfcon_mu",
@@ -120,21 +120,7 @@ def measure(args, method_name: str) -> dict:
         loss = float(loss) if args.warmup else None
         if cuda:
             memory.reset()
-            events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                      for _ in range(args.steps)]
-            for start, end in events:
-                start.record()
-                step(views, labels)
-                end.record()
-            torch.cuda.synchronize(device)
-            times = [start.elapsed_time(end) / 1000 for start, end in events]
-        else:
-            times, cpu_times = [], []
-            for _ in range(args.steps):
-                start, start_cpu = time.perf_counter(), time.process_time()
-                step(views, labels)  # CPU ops complete before they return
-                times.append(time.perf_counter() - start)
-                cpu_times.append(time.process_time() - start_cpu)
+        times, cpu_times = time_steps(step, views, labels, device, args.steps)
         peak = memory.peak_bytes()
         load_after = os.getloadavg()[0]
         params = sum(p.numel() for p in accelerator.unwrap_model(model).parameters())

@@ -9,7 +9,7 @@ path that decodes on a GPU where DALI will not install.
   and the flip; the device stage (``DeviceColour``) adds the colour and the normalisation.
 
 A file that is no JPEG, a JPEG nvJPEG does not take (CMYK), or one with an EXIF orientation (which
-``decode_jpeg`` applies on the CPU only) is decoded in the worker instead (``load_rgb``) and handed
+``decode_jpeg`` applies on the CPU only) is decoded in the worker instead (``load_rgb_tensor``) and handed
 over as pixels. A file whose bytes do not decode is left out and counted
 as the host path counts it; in training its place in the batch goes to another image of the batch
 (with its label), so every batch keeps its size.
@@ -18,15 +18,12 @@ from __future__ import annotations
 
 from typing import NamedTuple, Optional, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
-from loaders.spec import DataConfig, load_rgb
-
-JPEG_MARKER = b"\xff\xd8\xff"
+from loaders.spec import JPEG_MARKER, DataConfig, load_rgb_tensor
 
 
 class EncodedImage(NamedTuple):
@@ -48,7 +45,7 @@ def read_encoded(path: str) -> EncodedImage:
         plain_jpeg = (image.format == "JPEG" and image.mode in ("RGB", "L") and data.startswith(JPEG_MARKER)
                       and image.getexif().get(0x0112, 1) == 1)
     if not plain_jpeg:
-        pixels = torch.from_numpy(np.array(load_rgb(path), dtype=np.uint8)).permute(2, 0, 1).contiguous()
+        pixels = load_rgb_tensor(path)
         return EncodedImage(path, pixels, pixels.shape[1], pixels.shape[2])
     return EncodedImage(path, torch.frombuffer(bytearray(data), dtype=torch.uint8), height, width)
 

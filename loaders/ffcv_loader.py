@@ -1,11 +1,11 @@
 """FFCV backend: a .beton file (``python -m loaders.ffcv_convert``) -> ``(views, labels)`` on the device.
 
-Two views. ffcv 1.0.2's ``Loader`` has no ``custom_field_mapper``, but its ``pipelines`` dict takes a
-``PipelineSpec(source, decoder, transforms)``: an output name that is not a field of the file, whose
-``source`` names the field to read. The second view is ``"image_1": PipelineSpec("image", <own
-RandomResizedCrop decoder>, [...])``: ffcv's graph gives it its own decoder node on the same field, so
-each sample is read once from the file and decoded twice, with independent crops and flips. The
-batch comes back as ``(image, label, image_1)``: file fields first, extra outputs after.
+Views. ffcv decodes once per pipeline: two views as two pipelines on the one field decode every JPEG
+twice (0.52 of the decode + crop ceiling on a CPU). Training therefore reads one pipeline whose
+decoder (``ViewCropsDecoder``) decodes each image once and cuts every view from it: its own
+RandomResizedCrop (ffcv's draw, the view's crop scale) and flip, into ``[B, V, H, W, 3]`` uint8. The
+views are split off after ``ToTensor``/``ToDevice`` (a permuted view each: channels_last, as
+``ToTorchImage`` gives). Evaluation decodes one centre crop (ffcv's decoder) and hands it to each view.
 
 Colour and normalisation. With the colour on the device (``data.colour_stage: device``, or ``auto``
 on a GPU: ffcv-imagenet's pattern) the pipeline ends ``ToTensor -> ToDevice -> ToTorchImage`` on the
@@ -42,7 +42,7 @@ import os
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numba
 import numpy as np
@@ -50,15 +50,16 @@ import torch
 
 _TORCH_THREADS = torch.get_num_threads()  # importing ffcv sets it to 1 (ffcv/pipeline/compiler.py)
 from ffcv.fields import IntField, RGBImageField  # noqa: E402
-from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder, RandomResizedCropRGBImageDecoder  # noqa: E402
+from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder  # noqa: E402
+from ffcv.fields.rgb_image import IMAGE_MODES, ResizedCropRGBImageDecoder, get_random_crop  # noqa: E402
+from ffcv.libffcv import imdecode, resize_crop  # noqa: E402
 from ffcv.loader import Loader as _FFCVLoader, OrderOption  # noqa: E402
-from ffcv.pipeline import PipelineSpec  # noqa: E402
 from ffcv.pipeline.allocation_query import AllocationQuery  # noqa: E402
 from ffcv.pipeline.compiler import Compiler  # noqa: E402
 from ffcv.pipeline.operation import Operation  # noqa: E402
 from ffcv.pipeline.state import State  # noqa: E402
 from ffcv.reader import Reader  # noqa: E402
-from ffcv.transforms import NormalizeImage, RandomHorizontalFlip, ToDevice, ToTensor, ToTorchImage  # noqa: E402
+from ffcv.transforms import NormalizeImage, ToDevice, ToTensor, ToTorchImage  # noqa: E402
 
 torch.set_num_threads(_TORCH_THREADS)
 
@@ -180,26 +181,32 @@ def jitter_image(src, dst, factors, order, apply, gray):
 
 
 class ColourJitter(Operation):
-    """RandomApply(ColorJitter(*strength), p_jitter) then RandomGrayscale(p_gray), one draw of factors
-    and op order per sample, on the uint8 batch inside ffcv's pipeline: compiled with numba and run in
-    parallel over the batch in ffcv's own threads, before ToTensor (and ToDevice on a GPU)."""
+    """Per view, RandomApply(ColorJitter(*strength), p_jitter) then RandomGrayscale(p_gray) (a view whose
+    strength is None: untouched), one draw of factors and op order per image and view, on the uint8
+    ``[B, V, H, W, 3]`` batch inside ffcv's pipeline: compiled with numba and run in parallel over the
+    batch in ffcv's own threads, before ToTensor (and ToDevice on a GPU)."""
 
-    def __init__(self, strength=(0.4, 0.4, 0.4, 0.1), p_jitter: float = 0.8, p_gray: float = 0.2):
+    def __init__(self, strengths: Sequence[Optional[tuple]] = ((0.4, 0.4, 0.4, 0.1),), p_jitter: float = 0.8,
+                 p_gray: float = 0.2):
         super().__init__()
-        self.lo = np.array([max(0.0, 1 - s) for s in strength[:3]] + [-strength[3]], np.float32)
-        self.hi = np.array([1 + s for s in strength[:3]] + [strength[3]], np.float32)
-        self.p_jitter, self.p_gray = p_jitter, p_gray
+        plain = (0.0, 0.0, 0.0, 0.0)
+        self.lo = np.array([[max(0.0, 1 - x) for x in (s or plain)[:3]] + [-(s or plain)[3]] for s in strengths],
+                           np.float32)
+        self.hi = np.array([[1 + x for x in (s or plain)[:3]] + [(s or plain)[3]] for s in strengths], np.float32)
+        self.p_jitter = np.array([p_jitter if s else 0.0 for s in strengths])
+        self.p_gray = np.array([p_gray if s else 0.0 for s in strengths])
 
     def generate_code(self):
         my_range = Compiler.get_iterator()
         lo, span, p_jitter, p_gray = self.lo, self.hi - self.lo, self.p_jitter, self.p_gray
 
         def colour(images, dst):
-            coins = np.random.rand(images.shape[0], 6)
+            coins = np.random.rand(images.shape[0], images.shape[1], 6)
             for i in my_range(images.shape[0]):
-                factors = lo + span * coins[i, :4].astype(np.float32)
-                jitter_image(images[i], dst[i], factors, np.random.permutation(4), coins[i, 4] < p_jitter,
-                             coins[i, 5] < p_gray)
+                for v in range(images.shape[1]):
+                    factors = lo[v] + span[v] * coins[i, v, :4].astype(np.float32)
+                    jitter_image(images[i, v], dst[i, v], factors, np.random.permutation(4),
+                                 coins[i, v, 4] < p_jitter[v], coins[i, v, 5] < p_gray[v])
             return dst
 
         colour.is_parallel = True
@@ -207,6 +214,64 @@ class ColourJitter(Operation):
 
     def declare_state_and_memory(self, previous_state: State) -> tuple[State, Optional[AllocationQuery]]:
         return replace(previous_state, jit_mode=True), AllocationQuery(previous_state.shape, previous_state.dtype)
+
+
+@numba.njit
+def mirror(image):
+    """An HWC image flipped left-right in place."""
+    width = image.shape[1]
+    for y in range(image.shape[0]):
+        for x in range(width // 2):
+            for c in range(image.shape[2]):
+                image[y, x, c], image[y, width - 1 - x, c] = image[y, width - 1 - x, c], image[y, x, c]
+
+
+class ViewCropsDecoder(ResizedCropRGBImageDecoder):
+    """Every view from one decode: per image, ffcv's RandomResizedCrop draw at each view's scale, its
+    resize (``resize_crop``) and a flip with p=0.5, into ``[B, V, H, W, 3]`` uint8. ffcv's own decoder
+    makes one crop per decode, so two views would decode each JPEG twice."""
+
+    def __init__(self, output_size, scales: Sequence[tuple], ratio=(3 / 4, 4 / 3)):
+        super().__init__(output_size)
+        self.scales = np.array(scales, dtype=np.float64)  # [V, 2]
+        self.ratio = np.array(ratio, dtype=np.float64)
+
+    @property
+    def get_crop_generator(self):
+        return get_random_crop
+
+    def declare_state_and_memory(self, previous_state: State) -> tuple[State, tuple]:
+        state, (_, decoded) = super().declare_state_and_memory(previous_state)
+        shape = (len(self.scales), self.output_size[0], self.output_size[1], 3)
+        return replace(state, shape=shape), (AllocationQuery(shape, np.dtype("<u1")), decoded)
+
+    def generate_code(self):
+        jpg, read, my_range = IMAGE_MODES["jpg"], self.memory_read, Compiler.get_iterator()
+        imdecode_c, resize_crop_c = Compiler.compile(imdecode), Compiler.compile(resize_crop)
+        crop_c = Compiler.compile(self.get_crop_generator)
+        scales, ratio = self.scales, self.ratio
+
+        def decode(batch_indices, storage, metadata, storage_state):
+            destination, decoded = storage
+            for dst_ix in my_range(len(batch_indices)):
+                field = metadata[batch_indices[dst_ix]]
+                data = read(field["data_ptr"], storage_state)
+                height, width = np.uint32(field["height"]), np.uint32(field["width"])
+                if field["mode"] == jpg:
+                    buffer = decoded[dst_ix]
+                    imdecode_c(data, buffer, height, width, height, width, 0, 0, 1, 1, False, False)
+                    image = buffer.reshape(-1)[:3 * height * width].reshape(height, width, 3)
+                else:
+                    image = data.reshape(height, width, 3)
+                for v in range(scales.shape[0]):
+                    i, j, h, w = crop_c(height, width, scales[v], ratio)
+                    resize_crop_c(image, i, i + h, j, j + w, destination[dst_ix, v])
+                    if np.random.rand() < 0.5:
+                        mirror(destination[dst_ix, v])
+            return destination[:len(batch_indices)]
+
+        decode.is_parallel = True
+        return decode
 
 
 # --- the loader ---------------------------------------------------------------------------------
@@ -284,18 +349,13 @@ class FFCVLoader:
             self.stages = [DeviceColour("center", cfg.image_size, cfg.mean, cfg.std)] * req.num_views
 
         size = cfg.progressive.size_at(0) if (cfg.progressive and req.training) else cfg.image_size
-        if req.training:
-            self._decoders = [RandomResizedCropRGBImageDecoder(
-                (size, size), scale=tuple(cfg.for_view(v, req.num_views).crop_scale), ratio=tuple(cfg.crop_ratio))
-                for v in range(req.num_views)]
-        else:
-            self._decoders = [CenterCropRGBImageDecoder((size, size), ratio=cfg.val_resize_ratio)
-                              for _ in range(req.num_views)]
-        pipelines = {"image": self._image_ops(self._decoders[0], augments[0]),
+        if req.training:  # every view from one decode
+            self._decoder = ViewCropsDecoder((size, size), [tuple(cfg.for_view(v, req.num_views).crop_scale)
+                                                            for v in range(req.num_views)], tuple(cfg.crop_ratio))
+        else:  # one centre crop, handed to every view
+            self._decoder = CenterCropRGBImageDecoder((size, size), ratio=cfg.val_resize_ratio)
+        pipelines = {"image": self._image_ops(augments),
                      "label": [IntDecoder(), ToTensor(), *self._to_device()]}  # no Squeeze: a batch of 1 -> 0-d
-        for v, dec in enumerate(self._decoders[1:], 1):  # same field, own decoder: see the docstring
-            ops = self._image_ops(dec, augments[v])
-            pipelines[f"image_{v}"] = PipelineSpec("image", decoder=ops[0], transforms=ops[1:])
 
         world, distributed = req.world_size, False
         items = subset_indices(int(reader.num_samples), req.subset, req.seed)
@@ -329,13 +389,21 @@ class FFCVLoader:
     def _to_device(self):  # a fresh op per pipeline: ffcv keys its graph nodes by operation
         return [ToDevice(self.req.device, non_blocking=True)] if self._cuda else []
 
-    def _image_ops(self, decoder, augment: str):
-        ops = [decoder] + ([RandomHorizontalFlip()] if self.req.training else [])
-        if augment in COLOUR_STRENGTH and self._host_colour:
-            ops.append(ColourJitter(COLOUR_STRENGTH[augment]))
+    def _image_ops(self, augments):
+        ops = [self._decoder]
+        if self._host_colour and any(a in COLOUR_STRENGTH for a in augments):
+            ops.append(ColourJitter([COLOUR_STRENGTH.get(a) for a in augments]))
         if self.stages is None:  # numba stage, before ToTensor (see the docstring)
             ops.append(NormalizeImage(np.array(self.cfg.mean) * 255, np.array(self.cfg.std) * 255, np.float32))
-        return ops + [ToTensor(), *self._to_device(), ToTorchImage(channels_last=True)]
+        ops += [ToTensor(), *self._to_device()]
+        # training's [B, V, H, W, 3] is split into views in __iter__; evaluation's [B, H, W, 3] is one
+        return ops if self.req.training else ops + [ToTorchImage(channels_last=True)]
+
+    def _views(self, images: torch.Tensor) -> tuple:
+        """Per view ``[B, 3, H, W]`` (channels_last strides) of the pipeline's output."""
+        if not self.req.training:
+            return (images,) * self.req.num_views
+        return tuple(images[:, v].permute(0, 3, 1, 2) for v in range(self.req.num_views))
 
     def _check_process_group(self, key):
         dist = torch.distributed
@@ -354,8 +422,7 @@ class FFCVLoader:
         self._loader.next_epoch = epoch  # ffcv seeds the order with (seed, epoch)
         if self.cfg.progressive and self.req.training:  # as ffcv-imagenet: buffers follow at the next epoch
             size = self.cfg.progressive.size_at(epoch)
-            for dec in self._decoders:
-                dec.output_size = (size, size)
+            self._decoder.output_size = (size, size)
 
     def _finish(self, x: torch.Tensor, stage) -> torch.Tensor:
         if stage is not None:  # uint8, the device stage's input (a new tensor: ffcv's buffer is not handed out)
@@ -370,7 +437,7 @@ class FFCVLoader:
             for index, batch in enumerate(self._loader):
                 torch.set_num_threads(torch_threads)
                 images = tuple(self._finish(x, stage) for x, stage in
-                               zip((batch[0], *batch[2:]), self.stages or (None,) * self.req.num_views))
+                               zip(self._views(batch[0]), self.stages or (None,) * self.req.num_views))
                 if index >= self.skip_batches:  # a resumed epoch: decoded and dropped, so its randomness matches
                     yield images, batch[1].to(self.req.device, copy=True).view(-1)
         finally:

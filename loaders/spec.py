@@ -296,6 +296,29 @@ def load_rgb(path: str):
         return image.convert("RGB")
 
 
+JPEG_MARKER = b"\xff\xd8\xff"
+
+
+def load_rgb_tensor(path: str) -> torch.Tensor:
+    """``load_rgb``'s pixels as uint8 ``[3, H, W]``: a JPEG through torchvision's libjpeg-turbo decoder
+    (``decode_jpeg``, EXIF orientation applied: the same pixels as PIL's, in half the time here:
+    benchmarks/decode_ceiling.py), anything else, or a JPEG it refuses, through ``load_rgb`` (which
+    raises for an unreadable file)."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    with open(path, "rb") as f:
+        data = f.read()
+    if data.startswith(JPEG_MARKER):
+        try:
+            return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB,
+                               apply_exif_orientation=True)
+        except RuntimeError:  # truncated, or a variant libjpeg-turbo's build here lacks: PIL decides
+            pass
+    import numpy as np
+
+    return torch.from_numpy(np.array(load_rgb(path), dtype=np.uint8)).permute(2, 0, 1).contiguous()
+
+
 def classes_file(beton: Path) -> Path:
     """Where ``ffcv_convert`` writes the class names a .beton's labels index: ``X.classes.json`` beside ``X.beton``."""
     return Path(beton).with_suffix(".classes.json")

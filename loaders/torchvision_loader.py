@@ -6,27 +6,27 @@ import logging
 from typing import Iterator
 
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, default_collate
 from torchvision import transforms as T
+from torchvision.transforms import v2
 
 from loaders import TORCHVISION_PREFETCH_FACTOR, shard, subset_indices
 from loaders.device_decode import CropDraw, DeviceDecode, fill_failed, read_encoded
 from loaders.device_stage import device_stages
 from loaders.spec import (BLUR_P, BLUR_SIGMA, COLOUR_STRENGTH, DataConfig, LoaderError, LoaderRequest, blur_kernel,
-                          image_folder, load_rgb, output_dtype, require_path, split_classes, to_device)
+                          image_folder, load_rgb, load_rgb_tensor, output_dtype, require_path, split_classes, to_device)
 
 log = logging.getLogger(__name__)
 
 
 def build_transform(cfg: DataConfig, augment: str, host_colour: bool = True) -> T.Compose:
     """The official SupCon/SelfCon augmentations (contrastive), SimCLR's (stronger colour and a blur),
-    plain crop+flip (basic), or center crop. ``host_colour`` False: the crops only, as uint8 tensors
-    (the device stage adds the colour and the normalisation)."""
+    plain crop+flip (basic), or center crop, on PIL images. ``host_colour`` False: the crops only, on
+    and to uint8 tensors (``load_rgb_tensor``'s; the device stage adds the colour and the normalisation)."""
     size = cfg.image_size
-    tail = [T.ToTensor(), T.Normalize(cfg.mean, cfg.std)] if host_colour else [T.PILToTensor()]
-    if not host_colour and augment in ("basic", "contrastive", "simclr"):
-        return T.Compose([T.RandomResizedCrop(size, scale=cfg.crop_scale, ratio=cfg.crop_ratio),
-                          T.RandomHorizontalFlip(), *tail])
+    if not host_colour:
+        return crop_transform(cfg, augment)
+    tail = [T.ToTensor(), T.Normalize(cfg.mean, cfg.std)]
     if augment == "center":
         return T.Compose([T.Resize(int(round(size / cfg.val_resize_ratio))), T.CenterCrop(size), *tail])
     if augment == "padcrop_cutout":  # the official CDS CIFAR view read by the classifier
@@ -43,6 +43,17 @@ def build_transform(cfg: DataConfig, augment: str, host_colour: bool = True) -> 
     if augment == "simclr":
         color.append(T.RandomApply([T.GaussianBlur(blur_kernel(size), BLUR_SIGMA)], p=BLUR_P))
     return T.Compose([*crop, *color, *tail])
+
+
+def crop_transform(cfg: DataConfig, augment: str) -> v2.Compose:
+    """The host stage when the colour runs on the device: torchvision's RandomResizedCrop and flip
+    (centre crop for evaluation) on a uint8 tensor, antialiased as PIL's resize: the decode + crop
+    ceiling's own operations (benchmarks/decode_ceiling.py)."""
+    size = cfg.image_size
+    if augment == "center":
+        return v2.Compose([v2.Resize(int(round(size / cfg.val_resize_ratio)), antialias=True), v2.CenterCrop(size)])
+    return v2.Compose([v2.RandomResizedCrop(size, scale=cfg.crop_scale, ratio=cfg.crop_ratio, antialias=True),
+                       v2.RandomHorizontalFlip()])
 
 
 class Cutout:
@@ -101,8 +112,9 @@ def _collate(batch, encoded: bool = False):
         return None, None, skipped
     views, labels = zip(*readable)
     per_view = list(zip(*views))
+    # default_collate stacks into shared memory in a worker: the batch crosses to the main process uncopied
     stacked = ([*per_view[0]], torch.stack([torch.stack(v) for v in per_view[1:]])) if encoded else \
-        tuple(torch.stack(v) for v in per_view)
+        tuple(default_collate(list(v)) for v in per_view)
     return stacked, torch.tensor(labels, dtype=torch.long), skipped
 
 
@@ -135,7 +147,8 @@ class TorchvisionLoader:
             self.decoder = None
             transforms = [build_transform(cfg.for_view(v, req.num_views), a, self.stages is None)
                           for v, a in enumerate(req.augments)]
-            dataset = TolerantImageFolder(folder, transforms, req.training)
+            dataset = TolerantImageFolder(folder, transforms, req.training,
+                                          load=None if self.stages is None else load_rgb_tensor)
         self.req, self.dtype, self.root = req, output_dtype(cfg), root
         self.num_classes = len(dataset.folder.classes)
         self.classes = dataset.folder.classes

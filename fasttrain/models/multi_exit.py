@@ -20,6 +20,7 @@ ARCHS = {  # name -> (block, blocks per stage)
     "resnet18": (tv.BasicBlock, (2, 2, 2, 2)),
     "resnet34": (tv.BasicBlock, (3, 4, 6, 3)),
     "resnet50": (tv.Bottleneck, (3, 4, 6, 3)),
+    "resnet101": (tv.Bottleneck, (3, 4, 23, 3)),  # CDS's CIFAR-100 table
 }
 STAGES = ("layer1", "layer2", "layer3", "layer4")
 EXIT_POINTS = STAGES[:3]

@@ -9,7 +9,7 @@ def param_count(params):
     return sum(p.numel() for p in params)
 
 
-@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+@pytest.mark.parametrize("arch", ["resnet18", "resnet34", "resnet50", "resnet101"])
 def test_backbone_is_torchvisions_resnet_without_fc(arch):
     reference = getattr(torchvision.models, arch)()
     expected = param_count(p for n, p in reference.named_parameters() if not n.startswith("fc."))
@@ -111,7 +111,7 @@ def test_channels_last_and_bf16_autocast():
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(arch="resnet101"), "arch='resnet101'"),
+    (dict(arch="resnet152"), "arch='resnet152'"),
     (dict(arch="resnet18", exits=["layer4"]), "exits='layer4'"),
     (dict(arch="resnet18", exit_kind="huge"), "exit_kind='huge'"),
     (dict(arch="resnet18", proj_dim=0), "proj_dim=0"),

@@ -120,6 +120,33 @@ def test_two_views_differ_and_colour_augmentation(folder, beton, stage):
     assert (torch.cat(shifts) > 0.3).sum() >= 6
 
 
+def test_the_views_of_one_decode_are_each_cropped_and_flipped_on_their_own(tmp_path):
+    """Training decodes each image once for every view (``ViewCropsDecoder``): with whole-image crops
+    (scale 1, ratio 1, square images) each view is the image or its mirror, flipped with p=0.5 per view
+    independently; a view with its own crop scale gets its own crop size."""
+    gradient = np.repeat(np.repeat(np.linspace(0, 255, 32).astype(np.uint8)[None, :, None], 32, 0), 3, 2)
+    for c in range(2):
+        (tmp_path / "img" / f"c{c}").mkdir(parents=True)
+        for i in range(48):
+            Image.fromarray(gradient).save(tmp_path / "img" / f"c{c}" / f"{i}.png")  # left dark, right bright
+    ffcv_convert.convert(tmp_path / "img", tmp_path / "g.beton", num_workers=1)
+    cfg = DataConfig(train=tmp_path / "g.beton", image_size=32, num_workers=1, crop_scale=(1.0, 1.0),
+                     crop_ratio=(1.0, 1.0), mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    flipped = []
+    for (a, b), _ in ffcv(None, split="train", augment="basic", num_views=2, cfg=cfg, batch_size=16):
+        for view in (a, b):
+            left, right = view[..., :8].mean(dim=(1, 2, 3)), view[..., -8:].mean(dim=(1, 2, 3))
+            assert ((left - right).abs() > 0.5).all()  # a whole image, mirrored or not
+            flipped.append(left > right)
+    first, second = torch.cat(flipped[0::2]).float(), torch.cat(flipped[1::2]).float()
+    assert 0.3 < first.mean() < 0.7 and 0.3 < second.mean() < 0.7
+    assert 0.1 < (first * second).mean() < 0.4  # independent coins: both flipped about a quarter of the time
+    per_view = cfg.model_copy(update={"view_crop_scales": [(1.0, 1.0), (0.1, 0.1)]})
+    (whole, small), _ = next(iter(ffcv(None, split="train", augment="basic", num_views=2, cfg=per_view)))
+    # a tenth of the area, resized to the same size, stretches the gradient ~3x: smaller steps between neighbours
+    assert whole.diff(dim=-1).abs().mean() > 2 * small.diff(dim=-1).abs().mean()
+
+
 def test_the_device_stage_normalises_the_same_centre_crops(beton):
     cfg = DataConfig(val=beton, image_size=32, num_workers=1)
     host = [v[0] for v, _ in ffcv(beton, cfg=cfg)]
@@ -169,14 +196,16 @@ def test_jitter_is_torchvision_maths_per_sample():
 
 def test_colour_op_draws_jitter_and_grayscale_per_sample():
     """The operation ffcv compiles, run as Python: p=0.8 jitter and p=0.2 grayscale, drawn per sample."""
-    images = np.tile(np.array([200, 60, 30], np.uint8), (2000, 4, 4, 1))
-    colour = ffcv_loader.ColourJitter().generate_code()
+    images = np.tile(np.array([200, 60, 30], np.uint8), (2000, 2, 4, 4, 1))  # [B, V, H, W, 3]
+    colour = ffcv_loader.ColourJitter([(0.4, 0.4, 0.4, 0.1), None]).generate_code()  # view 1: no colour
     np.random.seed(0)
     out = colour(images, np.empty_like(images))
-    unchanged = (out == images).all(axis=(1, 2, 3)).mean()
-    grey = ((out[..., 0] == out[..., 1]) & (out[..., 1] == out[..., 2])).all(axis=(1, 2)).mean()
+    coloured = out[:, 0]
+    unchanged = (coloured == images[:, 0]).all(axis=(1, 2, 3)).mean()
+    grey = ((coloured[..., 0] == coloured[..., 1]) & (coloured[..., 1] == coloured[..., 2])).all(axis=(1, 2)).mean()
     assert abs(unchanged - 0.2 * 0.8) < 0.03 and abs(grey - 0.2) < 0.03
-    assert len({tuple(o[0, 0]) for o in out}) > 500  # factors differ from sample to sample
+    assert len({tuple(o[0, 0]) for o in coloured}) > 500  # factors differ from sample to sample
+    assert np.array_equal(out[:, 1], images[:, 1])  # a view without colour is left as it is
 
 
 def test_corrupt_image_is_skipped_and_reported(tmp_path, caplog):

@@ -44,3 +44,42 @@ def test_every_backend_sees_an_exif_rotated_photo_upright(tmp_path, backend):
     top, bottom = image[:, :5].mean(dim=(1, 2)), image[:, -5:].mean(dim=(1, 2))
     assert top[0] > top[2] and bottom[2] > bottom[0], (top, bottom)
     assert torch.isfinite(image).all()
+
+
+def test_the_tensor_host_stage_decodes_the_pixels_pil_decodes(tmp_path):
+    """``load_rgb_tensor`` (libjpeg-turbo through torchvision, the host stage when the colour runs on
+    the device) gives ``load_rgb``'s pixels exactly: plain, greyscale, CMYK and EXIF-rotated JPEGs, a
+    16-bit PNG; a truncated JPEG is unreadable in both."""
+    from loaders.spec import load_rgb_tensor
+
+    rng = np.random.default_rng(0)
+    photo = np.kron(rng.integers(0, 256, (6, 8, 3)), np.ones((8, 8, 1))).astype(np.uint8)
+    Image.fromarray(photo).save(tmp_path / "rgb.jpg", quality=90)
+    Image.fromarray(photo[..., 0]).save(tmp_path / "grey.jpg", quality=90)
+    Image.fromarray(photo).convert("CMYK").save(tmp_path / "cmyk.jpg", quality=90)
+    _rotated_jpeg(tmp_path / "rotated.jpg")
+    Image.fromarray(np.full((8, 8), 40000, np.uint16)).save(tmp_path / "grey16.png")
+    for name in ("rgb.jpg", "grey.jpg", "cmyk.jpg", "rotated.jpg", "grey16.png"):
+        pixels = load_rgb_tensor(str(tmp_path / name))
+        assert pixels.dtype == torch.uint8 and pixels.shape[0] == 3, name
+        assert torch.equal(pixels.permute(1, 2, 0), torch.from_numpy(np.asarray(load_rgb(str(tmp_path / name))))), name
+    data = (tmp_path / "rgb.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[:len(data) // 2])
+    with pytest.raises(OSError, match="(?i)truncated"):
+        load_rgb_tensor(str(tmp_path / "cut.jpg"))
+
+
+def test_the_device_colour_host_stage_crops_as_the_pil_pipeline(tmp_path):
+    """With the colour on the device the workers crop uint8 tensors (torchvision's tensor resize, the
+    ceiling's): the evaluation crops match the PIL pipeline's within a few grey levels."""
+    from conftest import make_image_folder
+
+    root = make_image_folder(tmp_path / "images", classes=2, per_class=4, size=(90, 70))
+    cfg = DataConfig(train=root, val=root, image_size=32, num_workers=0, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    req = LoaderRequest(split="val", batch_size=8, augment="center")
+    pil, _ = next(iter(build_loader("torchvision", cfg, req)))
+    tensor_loader = build_loader("torchvision", cfg.model_copy(update={"colour_stage": "device"}), req)
+    assert tensor_loader.stages is not None
+    tensor, _ = next(iter(tensor_loader))
+    difference = (pil[0] - tensor[0]).abs() * 255
+    assert difference.mean() < 1.0 and difference.max() <= 8, (difference.mean(), difference.max())

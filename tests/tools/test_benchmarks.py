@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import decode_ceiling, loader_throughput, loss_scaling, make_photo_folder, step_cost, train_throughput
+from benchmarks import (decode_ceiling, loader_throughput, loss_scaling, make_photo_folder, recipe_cost, step_cost,
+                        train_throughput)
 from conftest import make_image_folder  # noqa: E402
 
 
@@ -61,6 +62,45 @@ def test_step_cost_tiny(tmp_path, capsys):
         assert (parts["subnetworks"] > 0) == row["uses_subnetwork"], row["method"]
     assert "Where a step's time goes" in table and "| SelfCon | " in table.split("Where a step's time goes")[1]
     assert (out / "step_cost_parts.png").stat().st_size > 0
+
+
+def test_recipe_cost_times_each_distinct_step_once_and_scales_by_dataset_and_epochs(tmp_path):
+    """Three paper recipes, two steps: SelfCon on CIFAR-10 and CIFAR-100 share one (no classifier: the
+    class count does not matter), SupCon-S has its own; device-hours follow images × epochs ÷ rate."""
+    out = tmp_path / "cost"
+    recipes = ["recipes/paper/selfcon_table1/cifar10_r18_selfcon.yaml", "recipes/paper/selfcon_cifar100_r18.yaml",
+               "recipes/paper/selfcon_table1/cifar10_r18_supcon_s.yaml"]
+    rc = recipe_cost.main([*recipes, "--set", "data.image_size=16", "--set", "model.width=8",
+                           "--set", "train.precision=fp32", "--max-batch", "4",
+                           "--warmup", "0", "--steps", "2", "--images", "cifar10=5000", "--out", str(out)])
+    assert rc == 0
+    rows = json.loads((out / "recipe_cost.json").read_text())["recipes"]
+    assert [r["dataset"] for r in rows] == ["cifar10", "cifar100", "cifar10"]
+    assert [r["images_per_epoch"] for r in rows] == [5000, 50000, 5000]
+    cifar10, cifar100, supcon_s = rows
+    assert cifar10["images_per_second"] == cifar100["images_per_second"] != supcon_s["images_per_second"]
+    assert cifar10["measured_batch"] == 4 and cifar10["recipe_batch"] == 1024
+    for r in rows:
+        assert r["device"] == "cpu" and r["epochs"] == 1000
+        assert r["device_hours"] == pytest.approx(r["images_per_epoch"] * 1000 / r["images_per_second"] / 3600)
+    assert "cifar10_r18_supcon_s.yaml" in (out / "recipe_cost.md").read_text()
+    assert not (out / "plan.json").exists()
+
+
+def test_recipe_cost_halves_a_batch_that_does_not_fit(monkeypatch):
+    import torch
+
+    tried = []
+
+    def fits_eight(step, args):
+        tried.append(step["train"]["batch_size"])
+        if step["train"]["batch_size"] > 8:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return {"images_per_second": 100.0, "device": "cuda:0", "step_time_median_s": 0.08}
+
+    monkeypatch.setattr(recipe_cost, "time_step", fits_eight)
+    rate = recipe_cost.measure({"train": {"batch_size": 32}}, None)
+    assert tried == [32, 16, 8] and rate["measured_batch"] == 8
 
 
 def test_photo_folder_from_wallpapers(tmp_path):

@@ -20,7 +20,7 @@ def test_the_kit_dry_run_runs_every_part_and_reports_their_numbers(tmp_path):
     kit = json.loads((out / "kit.json").read_text())
     parts = {p["name"]: p["status"] for p in kit["parts"]}
     assert parts == {name: "ok" for name in ("selftest", "step_cost", "throughput", "loader_fed", "host_syncs",
-                                             "demo", "loss_scaling")}
+                                             "demo", "loss_scaling", "recipe_cost")}
     results = kit["results"]
     for method in gpu_kit.DRY.methods:
         assert results[f"step_cost/{method}"]["images_per_second"] > 0
@@ -37,6 +37,7 @@ def test_the_kit_dry_run_runs_every_part_and_reports_their_numbers(tmp_path):
     demo = json.loads((out / "demo" / "results.json").read_text())
     # 10 classes told apart by colour: the linear evaluation is far above chance (10%)
     assert demo["knn"] and demo["linear_eval"]["exits"]["backbone"]["top1"] > 30
+    assert results["recipe_cost/selfcon_cifar100_r18"]["device_hours"] > 0  # the paper recipe's own step, timed
     assert not (out / "data").exists()  # the generated images are removed
     assert "| selftest | ok |" in (out / "kit.md").read_text()
 
