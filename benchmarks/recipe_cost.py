@@ -2,20 +2,22 @@
 
     python -m benchmarks.recipe_cost recipes/paper --out benchmarks/results/recipe_cost
 
-Each recipe's own training step (its method, model, exits, image size, precision, channels_last and
-compile settings; ``engine.trainer.build_step`` through ``benchmarks.common.synthetic_step``) is
-timed on synthetic images made once on the device: no loading, which the GPU kit's ``loader_fed``
-part measures. Recipes whose steps are alike (the same step settings; their datasets, schedules and,
-for a method without a classifier, class counts apart) are timed once. A step takes the recipe's
-batch on one device (at most ``--max-batch`` images), halved until it fits the device's memory (an
-8-GPU recipe's 2,048 two-view ResNet-50 images do not fit one GPU: the rate at the batch that fits
-stands for it).
+Each recipe's own training step (its method, model, exits, loss options, image size, optimizer and
+train settings; ``engine.trainer.build_step`` through ``benchmarks.common.synthetic_step``) is timed
+on synthetic images made once on the device: no loading, which the GPU kit's ``loader_fed`` part
+measures. Recipes whose steps are alike (their datasets, schedules, learning rates and, for a method
+without a classifier, class counts apart) are timed once, the settings of the largest jobs first. A
+step takes the recipe's batch on one device (at most ``--max-batch`` images), halved until it fits
+the device's memory (an 8-GPU recipe's 2,048 two-view ResNet-50 images do not fit one GPU: the rate
+at the batch that fits stands for it).
 
     device-hours = images per epoch × epochs ÷ images/s ÷ 3,600
 
 for the pretraining alone: the linear evaluation (a frozen encoder) and loading come on top. The
 images per epoch are the training split's of the dataset the recipe reads (``DATASETS``, by the
-name of ``data.train``'s parent folder; ``--images NAME=N`` adds or replaces one).
+name of ``data.train``'s parent folder; ``--images NAME=N`` adds or replaces one). The JSON and the
+table are rewritten after every setting, so a run stopped by ``--timeout`` (or killed) keeps what
+it measured; the settings left are marked not timed.
 """
 from __future__ import annotations
 
@@ -24,16 +26,15 @@ import gc
 import json
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Optional
 
-from benchmarks.common import (markdown_table, run_worker, shown, summarize, synthetic_step, time_steps,
-                               write_json, write_report)
+from benchmarks.common import markdown_table, shown, summarize, synthetic_step, time_steps, write_report
 
 # training images and classes of the datasets the paper recipes read (ImageNet-100: CMC's 100 classes)
 DATASETS = {"cifar10": (50_000, 10), "cifar100": (50_000, 100), "tinyimagenet": (100_000, 200),
             "imagenet": (1_281_167, 1000), "imagenet100": (126_689, 100)}
-STEP_KEYS = ("method", "model", "loss", "train", "image_size", "num_classes")
 
 
 def parse_args(argv=None):
@@ -47,11 +48,9 @@ def parse_args(argv=None):
                    help="training images of a dataset folder name (adds to or replaces DATASETS)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="an override for every recipe (e.g. data.image_size=16 for a dry run)")
-    p.add_argument("--timeout", type=float, default=None, help="seconds allowed for all the timing")
+    p.add_argument("--timeout", type=float, default=None, help="seconds for all the timing: settings not "
+                   "started by then are left untimed")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/recipe_cost"))
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--plan", type=Path, help=argparse.SUPPRESS)
-    p.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.max_batch < 1 or args.steps < 1 or args.warmup < 0:
         p.error("--max-batch and --steps must be >= 1, --warmup >= 0")
@@ -93,21 +92,48 @@ def plan(args) -> list[dict]:
             classes = 1000
         step = {"method": recipe.method, "model": recipe.model.model_dump(mode="json"),
                 "loss": recipe.loss.model_dump(mode="json", exclude_unset=True),
-                "train": {"batch_size": min(recipe.train.batch_size, args.max_batch),
-                          "precision": recipe.train.precision, "channels_last": recipe.train.channels_last,
-                          "compile": recipe.train.compile},
+                "optim": recipe.optim.model_dump(mode="json"),
+                "train": {**recipe.train.model_dump(mode="json"),
+                          "batch_size": min(recipe.train.batch_size, args.max_batch)},
                 "image_size": recipe.data.image_size, "num_classes": classes}
         entries.append({"recipe": str(path), "dataset": dataset, "images_per_epoch": images,
                         "epochs": recipe.schedule.epochs, "recipe_batch": recipe.train.batch_size,
-                        "step": step, "key": json.dumps(step, sort_keys=True)})
+                        "step": step, "key": step_key(step)})
     return entries
 
 
-# ---------------------------------------------------------------- the timing, in one worker process
+def step_key(step: dict) -> str:
+    """What makes two steps cost alike: everything but the optimizer's values and the bookkeeping."""
+    optim = {k: v for k, v in step["optim"].items() if k not in ("lr", "momentum", "weight_decay")}
+    optim["clip_grad_norm"] = optim["clip_grad_norm"] is not None
+    train = {k: step["train"][k] for k in ("batch_size", "grad_accum_steps", "precision", "channels_last", "compile",
+                                           "cudnn_benchmark")}
+    return json.dumps({**step, "optim": optim, "train": train}, sort_keys=True)
+
+
+def settings(entries: list[dict]) -> dict:
+    """The distinct steps, the one behind the largest job (images × epochs) first."""
+    weight: dict = {}
+    for e in entries:
+        weight[e["key"]] = max(weight.get(e["key"], 0), (e["images_per_epoch"] or 0) * e["epochs"])
+    first = {e["key"]: e["step"] for e in entries}
+    return {key: first[key] for key in sorted(first, key=lambda k: -weight[k])}
+
+
+# ---------------------------------------------------------------- the timing
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """CUDA's allocator, or cuBLAS/cuDNN failing to allocate their workspace."""
+    import torch
+
+    text = str(exc)
+    return isinstance(exc, torch.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and ("out of memory" in text or "ALLOC_FAILED" in text))
 
 
 def measure(step: dict, args) -> dict:
-    """Images/s of one step setting, its batch halved until it fits."""
+    """Images/s of one step setting, its batch halved until it fits (BatchNorm needs two images)."""
     import torch
 
     batch = step["train"]["batch_size"]
@@ -115,11 +141,13 @@ def measure(step: dict, args) -> dict:
         try:
             return {**time_step({**step, "train": {**step["train"], "batch_size": batch}}, args),
                     "measured_batch": batch}
-        except torch.OutOfMemoryError:
-            if batch == 1:
+        except Exception as exc:
+            if not out_of_memory(exc) or batch <= 2:
                 raise
             batch //= 2
         finally:
+            if step["train"]["compile"]:
+                torch._dynamo.reset()  # the next setting compiles afresh, within dynamo's recompile limit
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
@@ -135,8 +163,9 @@ def time_step(step: dict, args) -> dict:
     with tempfile.TemporaryDirectory(prefix="recipe-cost-") as run_dir:
         recipe = recipe_for({
             "method": step["method"], "loader": "synthetic", "model": step["model"], "loss": step["loss"],
+            "optim": step["optim"], "train": step["train"],
             "data": {"image_size": step["image_size"], "num_classes": step["num_classes"]},
-            "train": step["train"], "schedule": {"epochs": 1, "warmup_epochs": 0},
+            "schedule": {"epochs": 1, "warmup_epochs": 0},
             "linear_eval": {"enabled": False}, "run": {"dir": run_dir, "resume": "never"}})
         bench = synthetic_step(recipe, step["num_classes"])
         for _ in range(args.warmup):
@@ -147,33 +176,31 @@ def time_step(step: dict, args) -> dict:
             "device": str(bench.accelerator.device)}
 
 
-def worker(args) -> dict:
-    steps = json.loads(args.plan.read_text())
-    rates = {}
-    for key, step in steps.items():
-        try:
-            rates[key] = measure(step, args)
-        except Exception as exc:  # one setting that fails (out of memory) leaves the others measured
-            rates[key] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
-        print(f"[recipe_cost] {step['method']:<10} {step['model']['arch']:<9} {step['image_size']:>4}px "
-              f"batch {rates[key].get('measured_batch', step['train']['batch_size']):>4}: "
-              + (f"{rates[key]['images_per_second']:9.1f} img/s" if "error" not in rates[key]
-                 else rates[key]["error"]), file=sys.stderr, flush=True)
-    return {"rates": rates}
-
-
 # ---------------------------------------------------------------- the report
 
 
 def hours(entry: dict, rate: dict) -> Optional[float]:
-    if "error" in rate or not entry["images_per_epoch"]:
+    if "images_per_second" not in rate or not entry["images_per_epoch"]:
         return None
     return entry["images_per_epoch"] * entry["epochs"] / rate["images_per_second"] / 3600
 
 
+def rows_of(entries: list[dict], rates: dict) -> list[dict]:
+    rows = []
+    for e in entries:
+        rate = rates.get(e["key"], {"status": "not timed"})
+        rows.append({"recipe": e["recipe"], "dataset": e["dataset"], "images_per_epoch": e["images_per_epoch"],
+                     "epochs": e["epochs"], "recipe_batch": e["recipe_batch"], "measured_batch": None,
+                     **rate, "device_hours": hours(e, rate)})
+    return rows
+
+
 def table(rows: list[dict], device: str) -> str:
+    def rate(r):
+        return r.get("error") or r.get("status") or f"{r['images_per_second']:.0f}"
+
     body = [[r["recipe"], r["dataset"], f"{r['images_per_epoch']:,}" if r["images_per_epoch"] else "unknown",
-             r["epochs"], r["measured_batch"], r.get("error") or f"{r['images_per_second']:.0f}",
+             r["epochs"], r["measured_batch"], rate(r),
              "–" if r["device_hours"] is None else f"{r['device_hours']:.1f}"] for r in rows]
     return (f"Pretraining device-hours per recipe on {device} (synthetic input: no loading, no linear "
             f"evaluation; `benchmarks/recipe_cost.py`):\n\n"
@@ -183,9 +210,6 @@ def table(rows: list[dict], device: str) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.worker:
-        write_json(args.result, worker(args))
-        return 0
     from fasttrain.errors import RecipeError
 
     try:
@@ -196,23 +220,27 @@ def main(argv=None) -> int:
     if not entries:
         print(f"recipe_cost: no recipe under {', '.join(map(str, args.recipes))}", file=sys.stderr)
         return 2
-    steps = {e["key"]: e["step"] for e in entries}
+    steps = settings(entries)
     print(f"[recipe_cost] {len(entries)} recipes, {len(steps)} distinct steps to time", flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    plan_file = args.out / "plan.json"
-    write_json(plan_file, steps)
-    worker_argv = [*map(str, args.recipes), "--plan", plan_file, "--warmup", args.warmup, "--steps", args.steps]
-    result = run_worker("benchmarks.recipe_cost", worker_argv, timeout=args.timeout)
-    plan_file.unlink()
-    rates = result.get("rates", {})
-    rows = []
-    for e in entries:
-        rate = rates.get(e["key"], {"error": result.get("error", "not timed")})
-        rows.append({"recipe": e["recipe"], "dataset": e["dataset"], "images_per_epoch": e["images_per_epoch"],
-                     "epochs": e["epochs"], "recipe_batch": e["recipe_batch"], "measured_batch": None,
-                     **rate, "device_hours": hours(e, rate)})
-    device = next((r["device"] for r in rows if "device" in r), "?")
-    text = table(rows, device)
+    deadline = time.monotonic() + args.timeout if args.timeout else None
+    rates: dict = {}
+    for key, step in steps.items():
+        if deadline and time.monotonic() > deadline:
+            rates[key] = {"status": "not timed: out of time"}
+            continue
+        try:
+            rates[key] = measure(step, args)
+        except Exception as exc:  # one setting that fails leaves the others measured
+            rates[key] = {"error": f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"}
+        print(f"[recipe_cost] {step['method']:<10} {step['model']['arch']:<9} {step['image_size']:>4}px "
+              f"batch {rates[key].get('measured_batch', step['train']['batch_size']):>4}: "
+              + (f"{rates[key]['images_per_second']:9.1f} img/s" if "images_per_second" in rates[key]
+                 else rates[key]["error"]), flush=True)
+        rows = rows_of(entries, rates)
+        write_report(args.out, "recipe_cost", args, rows, table(rows, rates[key].get("device", "?")),
+                     rows_key="recipes")
+    rows = rows_of(entries, rates)
+    text = table(rows, next((r["device"] for r in rows if "device" in r), "?"))
     write_report(args.out, "recipe_cost", args, rows, text, rows_key="recipes")
     print(text)
     print(f"[recipe_cost] wrote {shown(args.out)}/recipe_cost.{{json,md}}")

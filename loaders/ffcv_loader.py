@@ -8,19 +8,20 @@ views are split off after ``ToTensor``/``ToDevice`` (a permuted view each: chann
 ``ToTorchImage`` gives). Evaluation decodes one centre crop (ffcv's decoder) and hands it to each view.
 
 Colour and normalisation. With the colour on the device (``data.colour_stage: device``, or ``auto``
-on a GPU: ffcv-imagenet's pattern) the pipeline ends ``ToTensor -> ToDevice -> ToTorchImage`` on the
-uint8 crops and ``loaders.device_stage`` adds the colour and the normalisation, batched on the
-device. Otherwise (``auto`` on a CPU, ``host``), ``contrastive`` adds the official ColorJitter(0.4,
-0.4, 0.4, 0.1) p=0.8 and RandomGrayscale p=0.2 as an ffcv operation (``ColourJitter``) on the uint8
-batch right after the crop and flip: torchvision's tensor maths per sample (a draw of factors and op
-order each), compiled by numba and run in parallel over the batch in ffcv's own threads, like its
-decoders, so it never occupies the training process: on a CPU-only machine that is where it measures
-fastest. On a CPU, ffcv's ``NormalizeImage`` follows in the same numba stage, *before* ToTensor
-(placed after it on CPU, ``Loader()`` never returns: ffcv 1.0.2's ``Graph.group_operations`` loops
-for ever). On CUDA with the colour on the host, the uint8 batch goes to the device (``ToDevice``) and
-is normalised there by torch (ffcv's GPU ``NormalizeImage`` needs cupy, which this project does not
-install). Like ffcv's own crops, the host colour draws come from numba's per-thread generator, which
-ffcv does not seed.
+on a GPU: ffcv-imagenet's pattern) the pipeline ends ``ToTensor -> ToDevice`` on the uint8 crops
+(evaluation: ``-> ToTorchImage``; training splits its views as above) and ``loaders.device_stage``
+adds the colour and the normalisation, batched on the device. Otherwise (``auto`` on a CPU,
+``host``), ``contrastive`` adds the official ColorJitter(0.4, 0.4, 0.4, 0.1) p=0.8 and
+RandomGrayscale p=0.2 as an ffcv operation (``ColourJitter``) on the uint8 batch right after the
+crop and flip: torchvision's tensor maths per sample (a draw of factors and op order each), compiled
+by numba and run in parallel over the batch in ffcv's own threads, like its decoders, so it never
+occupies the training process: on a CPU-only machine that is where it measures fastest. On a CPU,
+ffcv's ``NormalizeImage`` follows in the same numba stage, *before* ToTensor (placed after it on
+CPU, ``Loader()`` never returns: ffcv 1.0.2's ``Graph.group_operations`` loops for ever). On CUDA
+with the colour on the host, the uint8 batch goes to the device (``ToDevice``) and is normalised
+there by torch (ffcv's GPU ``NormalizeImage`` needs cupy, which this project does not install). Like
+ffcv's own crops, the host colour draws come from numba's per-thread generator, which ffcv does not
+seed.
 
 Distributed. Training passes ``distributed=True``: ffcv then builds a torch ``DistributedSampler``
 (rank and world size from ``torch.distributed``, ``drop_last=False``: it pads); QUASI_RANDOM is not

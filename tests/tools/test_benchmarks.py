@@ -84,23 +84,34 @@ def test_recipe_cost_times_each_distinct_step_once_and_scales_by_dataset_and_epo
         assert r["device"] == "cpu" and r["epochs"] == 1000
         assert r["device_hours"] == pytest.approx(r["images_per_epoch"] * 1000 / r["images_per_second"] / 3600)
     assert "cifar10_r18_supcon_s.yaml" in (out / "recipe_cost.md").read_text()
-    assert not (out / "plan.json").exists()
+    # out of time: nothing is timed, every recipe is listed as such, and that is no failure
+    assert recipe_cost.main([recipes[0], "--timeout", "1e-9", "--out", str(tmp_path / "late")]) == 0
+    late, = json.loads((tmp_path / "late" / "recipe_cost.json").read_text())["recipes"]
+    assert late["status"] == "not timed: out of time" and late["device_hours"] is None
 
 
-def test_recipe_cost_halves_a_batch_that_does_not_fit(monkeypatch):
+@pytest.mark.parametrize("failure", ["allocator", "cublas"])
+def test_recipe_cost_halves_a_batch_that_does_not_fit_down_to_two(monkeypatch, failure):
     import torch
 
     tried = []
 
-    def fits_eight(step, args):
-        tried.append(step["train"]["batch_size"])
-        if step["train"]["batch_size"] > 8:
-            raise torch.OutOfMemoryError("CUDA out of memory")
-        return {"images_per_second": 100.0, "device": "cuda:0", "step_time_median_s": 0.08}
+    def fits(limit):
+        def time_step(step, args):
+            tried.append(step["train"]["batch_size"])
+            if step["train"]["batch_size"] > limit:
+                raise (torch.OutOfMemoryError("CUDA out of memory") if failure == "allocator"
+                       else RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate"))
+            return {"images_per_second": 100.0, "device": "cuda:0", "step_time_median_s": 0.08}
+        return time_step
 
-    monkeypatch.setattr(recipe_cost, "time_step", fits_eight)
-    rate = recipe_cost.measure({"train": {"batch_size": 32}}, None)
-    assert tried == [32, 16, 8] and rate["measured_batch"] == 8
+    step = {"train": {"batch_size": 32, "compile": False}}
+    monkeypatch.setattr(recipe_cost, "time_step", fits(8))
+    assert recipe_cost.measure(step, None)["measured_batch"] == 8 and tried == [32, 16, 8]
+    monkeypatch.setattr(recipe_cost, "time_step", fits(1))  # BatchNorm needs two images: no batch of one
+    with pytest.raises((torch.OutOfMemoryError, RuntimeError)):
+        recipe_cost.measure(step, None)
+    assert tried[3:] == [32, 16, 8, 4, 2]
 
 
 def test_photo_folder_from_wallpapers(tmp_path):
