@@ -134,7 +134,7 @@ def plan(args, sizes: Sizes, photos: Path, demo_data: Path) -> list[Part]:
     # the dry run: one recipe, shrunk; the GPU: every paper recipe at its own settings
     cost = ["recipes/paper/selfcon_cifar100_r18.yaml", "--set", "data.image_size=16", "--set", "model.width=8",
             "--set", f"train.precision={sizes.precision}", "--max-batch", 4, "--warmup", 0, "--steps", 1] \
-        if args.dry_run else ["recipes/paper", "--warmup", 2, "--steps", 5, "--timeout", 320]
+        if args.dry_run else ["recipes/paper", "--warmup", 1, "--steps", 4, "--timeout", 320]
     parts.append(Part("recipe_cost", 360, [python("-m", "benchmarks.recipe_cost", *cost,
                                                   "--out", out / "recipe_cost")]))
     return parts

@@ -6,7 +6,7 @@ import pytest
 
 from benchmarks import (decode_ceiling, loader_throughput, loss_scaling, make_photo_folder, recipe_cost, step_cost,
                         train_throughput)
-from conftest import make_image_folder  # noqa: E402
+from conftest import REPO, make_image_folder  # noqa: E402
 
 
 def _physical_memory() -> int:
@@ -88,6 +88,21 @@ def test_recipe_cost_times_each_distinct_step_once_and_scales_by_dataset_and_epo
     assert recipe_cost.main([recipes[0], "--timeout", "1e-9", "--out", str(tmp_path / "late")]) == 0
     late, = json.loads((tmp_path / "late" / "recipe_cost.json").read_text())["recipes"]
     assert late["status"] == "not timed: out of time" and late["device_hours"] is None
+
+
+@pytest.mark.slow
+def test_every_paper_recipe_takes_a_training_step(tmp_path):
+    """Each recipe of recipes/paper builds its own step (model, exits, loss, optimizer) and trains, shrunk
+    to 16 px, width 8 and 4 images: a recipe the trainer cannot run fails here, not on a GPU node."""
+    out = tmp_path / "all"
+    assert recipe_cost.main([str(REPO / "recipes/paper"), "--set", "data.image_size=16", "--set", "model.width=8",
+                             "--set", "train.precision=fp32", "--max-batch", "4", "--warmup", "0", "--steps", "1",
+                             "--out", str(out)]) == 0
+    rows = json.loads((out / "recipe_cost.json").read_text())["recipes"]
+    shipped = [p for p in (REPO / "recipes/paper").rglob("*.yaml")
+               if not p.name.startswith("_") and p.name != "official.yaml"]
+    assert len(rows) == len(shipped) and all(r["images_per_second"] > 0 and r["device_hours"] > 0 for r in rows)
+    assert {r["dataset"] for r in rows} == set(recipe_cost.DATASETS)  # every dataset of the papers is known
 
 
 @pytest.mark.parametrize("failure", ["allocator", "cublas"])
