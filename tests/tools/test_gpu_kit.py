@@ -56,3 +56,42 @@ def test_a_failing_part_fails_the_kit_a_slow_one_times_out_and_the_rest_is_skipp
     assert parts[1].status.startswith("timed out")
     assert parts[2].status == "skipped: out of time"
     assert (tmp_path / "fails.log").read_text().startswith("$ ")
+
+
+DECODE = """
+import json, sys, ffcv, torch
+from loaders import DataConfig, LoaderRequest, build_loader
+loader = build_loader("ffcv", DataConfig(val=sys.argv[1], image_size=32, num_workers=1),
+                      LoaderRequest(split="val", batch_size=3, augment="center"))
+images = torch.cat([views[0] for views, _ in loader])  # a batch: (views, labels)
+mapped = {line.split()[-1] for line in open("/proc/self/maps") if "opencv_core" in line or "turbojpeg" in line}
+print(json.dumps({"ffcv": ffcv.__file__, "libraries": sorted(mapped), "sum": images.double().sum().item()}))
+"""
+
+
+@pytest.mark.slow
+def test_the_bundle_decodes_with_its_own_ffcv_and_libraries_as_the_installed_ones_do(tmp_path):
+    pytest.importorskip("ffcv")
+    from benchmarks import gpu_bundle
+    from conftest import make_image_folder
+    from loaders import ffcv_convert
+
+    bundle = tmp_path / "bundle"
+    gpu_bundle.build(bundle, python="3.11", wheels=False)  # this machine's Python: the node's needs its wheels
+    libraries = sorted(p.name for p in (bundle / "lib").iterdir())
+    assert any("opencv_core" in n for n in libraries) and any("turbojpeg" in n for n in libraries)
+    assert not [n for n in libraries if n.startswith(gpu_bundle.RUNTIMES)]  # the node's own runtimes serve those
+    beton = tmp_path / "val.beton"
+    ffcv_convert.convert(make_image_folder(tmp_path / "images", classes=2, per_class=3), beton, num_workers=1)
+
+    def decode(env):
+        proc = subprocess.run([sys.executable, "-c", DECODE, str(beton)], cwd=REPO, capture_output=True, text=True,
+                              timeout=300, env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", **env})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return json.loads(proc.stdout.splitlines()[-1])
+
+    installed = decode({"PYTHONPATH": str(REPO)})
+    bundled = decode({"PYTHONPATH": f"{bundle / 'site'}:{REPO}", "LD_LIBRARY_PATH": str(bundle / "lib")})
+    assert bundled["ffcv"].startswith(str(bundle)) and not installed["ffcv"].startswith(str(bundle))
+    assert len(bundled["libraries"]) == 2 and all(p.startswith(str(bundle / "lib")) for p in bundled["libraries"])
+    assert bundled["sum"] == installed["sum"] > 0  # the same pixels
