@@ -103,7 +103,16 @@ def main(argv=None) -> int:
         except importlib.metadata.PackageNotFoundError:
             print(f"gpu_bundle: error: {name} is not installed here (run scripts/bootstrap.sh)", file=sys.stderr)
             return 2
-    size = build(args.out.resolve(), args.python, wheels=not args.no_wheels)
+    if args.out.exists() and not args.out.is_dir():
+        print(f"gpu_bundle: error: {args.out} exists and is not a folder", file=sys.stderr)
+        return 2
+    try:
+        size = build(args.out.resolve(), args.python, wheels=not args.no_wheels)
+    except subprocess.CalledProcessError as exc:  # pip without an index, or ldd refusing the file
+        shutil.rmtree(args.out.resolve().with_name(args.out.name + ".tmp"), ignore_errors=True)
+        print(f"gpu_bundle: error: {' '.join(exc.cmd[:4])} ... failed (exit status {exc.returncode}); "
+              f"{args.out} is left as it was", file=sys.stderr)
+        return 2
     print(f"gpu_bundle: {args.out} holds {size / 2**20:.1f} MiB "
           f"({'within' if size <= CARRY_LIMIT else 'OVER'} the 64 MiB a device call carries)")
     return 0 if size <= CARRY_LIMIT else 1

@@ -95,3 +95,21 @@ def test_the_bundle_decodes_with_its_own_ffcv_and_libraries_as_the_installed_one
     assert bundled["ffcv"].startswith(str(bundle)) and not installed["ffcv"].startswith(str(bundle))
     assert len(bundled["libraries"]) == 2 and all(p.startswith(str(bundle / "lib")) for p in bundled["libraries"])
     assert bundled["sum"] == installed["sum"] > 0  # the same pixels
+
+
+def test_a_bundle_that_fails_to_build_leaves_the_old_one_and_says_why_in_one_line(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("ffcv")
+    from benchmarks import gpu_bundle
+
+    def no_index(site, python):
+        raise subprocess.CalledProcessError(1, [sys.executable, "-m", "pip", "install"])
+
+    monkeypatch.setattr(gpu_bundle, "download_wheels", no_index)
+    old = tmp_path / "bundle"
+    (old / "site").mkdir(parents=True)
+    (old / "site" / "kept").write_text("the bundle built before")
+    assert gpu_bundle.main([str(old)]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "pip install" in error and "left as it was" in error
+    assert (old / "site" / "kept").read_text() == "the bundle built before"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]  # no half-built folder beside it
