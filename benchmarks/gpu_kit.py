@@ -176,7 +176,8 @@ def environment(out: Path) -> dict:
     import torch
 
     facts = {"python": platform.python_version(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
-             "cuda": torch.version.cuda, "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+             "cuda": torch.version.cuda, "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+             "bundle": os.environ.get("BUNDLE") or None}  # benchmarks/gpu_bundle.py: packages from elsewhere
     for name in ("torchvision", "accelerate", "timm", "pydantic", "numba", "opencv-python-headless", "ffcv",
                  "nvidia-dali-cuda130", "nvidia-dali-cuda120", "kornia"):
         try:
