@@ -1,5 +1,6 @@
 """The GPU kit (scripts/gpu_check.sh): its CPU dry run is the same command at tiny sizes, so every part
 it runs on a GPU node is exercised here; a failing or slow part costs only itself."""
+import importlib.util
 import json
 import subprocess
 import sys
@@ -10,26 +11,44 @@ from benchmarks import gpu_kit
 from conftest import REPO
 
 
-@pytest.mark.slow
-def test_the_kit_dry_run_runs_every_part_and_reports_their_numbers(tmp_path):
-    out = tmp_path / "kit"
-    proc = subprocess.run(["bash", "scripts/gpu_check.sh", str(out), "--device", "cpu", "--dry-run", "--budget", "900"],
+LOADER_FED = ("loader_fed",)  # the longest part, a test of its own so that two workers share the kit's dry run
+THE_REST = ("selftest", "step_cost", "throughput", "host_syncs", "demo", "loss_scaling", "recipe_cost")
+
+
+def installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # its parent package is missing
+        return False
+
+
+def dry_run(out, parts):
+    proc = subprocess.run(["bash", "scripts/gpu_check.sh", str(out), "--device", "cpu", "--dry-run", "--budget", "900",
+                           "--parts", ",".join(parts)],
                           cwd=REPO, capture_output=True, text=True, timeout=1200,
                           env={"PYTHON": sys.executable, "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     kit = json.loads((out / "kit.json").read_text())
-    parts = {p["name"]: p["status"] for p in kit["parts"]}
-    assert parts == {name: "ok" for name in ("selftest", "step_cost", "throughput", "loader_fed", "host_syncs",
-                                             "demo", "loss_scaling", "recipe_cost")}
-    results = kit["results"]
+    assert {p["name"]: p["status"] for p in kit["parts"]} == {name: "ok" for name in parts}
+    assert not (out / "data").exists()  # the generated images are removed
+    return kit["results"]
+
+
+def test_the_two_dry_run_tests_cover_every_part_of_the_kit():
+    args = gpu_kit.parse_args(["--dry-run", "--device", "cpu", "--out", "kit"])
+    plan = gpu_kit.plan(args, gpu_kit.DRY, REPO / "photos", REPO / "demo")
+    assert sorted(p.name for p in plan) == sorted(LOADER_FED + THE_REST)
+
+
+@pytest.mark.slow
+def test_the_kit_dry_run_runs_its_parts_and_reports_their_numbers(tmp_path):
+    out = tmp_path / "kit"
+    results = dry_run(out, THE_REST)
     for method in gpu_kit.DRY.methods:
         assert results[f"step_cost/{method}"]["images_per_second"] > 0
     assert results["step_cost/selfcon"]["time_ratio_to_selfcon"] == 1
     assert results["train_throughput/selfcon/torchvision"]["ratio_to_synthetic"] > 0
     assert results["trainer_overhead"]["trainer_over_bare"] > 0
-    for stage in ("device", "host"):  # the torchvision loader with its colour on either side
-        assert results[f"loader_fed/{stage}/torchvision"]["ratio_to_synthetic"] > 0
-    assert results["loader_fed/gpu_decode/torchvision"]["ratio_to_synthetic"] > 0  # JPEGs decoded on the device
     # the trainer's step reads nothing back from the device when its logs are not read
     assert {k: v["python_reads_per_step"] for k, v in results.items() if k.startswith("host_syncs/")} == {
         f"host_syncs/{m}": 0 for m in ("ce", "supcon", "supcon_s", "selfcon", "selfcon_m", "dsn", "cds", "simclr",
@@ -38,8 +57,18 @@ def test_the_kit_dry_run_runs_every_part_and_reports_their_numbers(tmp_path):
     # 10 classes told apart by colour: the linear evaluation is far above chance (10%)
     assert demo["knn"] and demo["linear_eval"]["exits"]["backbone"]["top1"] > 30
     assert results["recipe_cost/selfcon_cifar100_r18"]["device_hours"] > 0  # the paper recipe's own step, timed
-    assert not (out / "data").exists()  # the generated images are removed
     assert "| selftest | ok |" in (out / "kit.md").read_text()
+
+
+@pytest.mark.slow
+def test_the_kit_dry_run_feeds_the_trainer_from_every_installed_loader(tmp_path):
+    results = dry_run(tmp_path / "kit", LOADER_FED)
+    for stage in ("device", "host"):  # the torchvision loader with its colour on either side
+        assert results[f"loader_fed/{stage}/torchvision"]["ratio_to_synthetic"] > 0
+    assert results["loader_fed/gpu_decode/torchvision"]["ratio_to_synthetic"] > 0  # JPEGs decoded on the device
+    for backend, module in (("ffcv", "ffcv"), ("dali", "nvidia.dali")):
+        if installed(module):
+            assert results[f"loader_fed/device/{backend}"]["ratio_to_synthetic"] > 0
 
 
 def test_a_failing_part_fails_the_kit_a_slow_one_times_out_and_the_rest_is_skipped(tmp_path, monkeypatch):
