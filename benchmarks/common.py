@@ -127,11 +127,20 @@ def worker_row(module: str, args: Sequence[str], *, timeout: Optional[float] = N
     return {"available": False, "reason": row["error"][:300]} if "error" in row else row
 
 
+def cpu_model() -> str:
+    """The processor's name (``platform.processor()`` gives only the architecture on Linux)."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            return next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def environment() -> dict:
     import torch
 
-    env = {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor() or
-           platform.machine(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    env = {"python": platform.python_version(), "torch": torch.__version__, "cpu": cpu_model(),
+           "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
     if torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name(0)
     return env

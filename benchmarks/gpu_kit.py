@@ -14,11 +14,13 @@ matters most when time runs short:
 4. throughput: the trainer fed synthetic images and a folder of ImageNet-sized JPEGs made here
    (SelfCon and CE), and a bare PyTorch loop of the same model, batch and precision (the trainer's
    overhead as a ratio);
-5. host_syncs: host reads and CUDA synchronisations per unlogged step, per method;
-6. loss_scaling: the contrastive loss's time and memory against the batch;
-7. demo: a short compiled run of the demo recipe with its k-NN monitor and linear evaluation;
-8. step_cost_compiled and bare_loop_compiled: the same with ``torch.compile``;
-9. recipe_cost: every paper recipe's own step, timed, as device-hours (docs/reproduce.md's column).
+5. loader_fed: ResNet-50 SelfCon at batch 256 fed by every installed backend, the colour on the device
+   and on the host, and by JPEGs decoded on the GPU (``data.decode: device``), each beside synthetic input;
+6. host_syncs: host reads and CUDA synchronisations per unlogged step, per method;
+7. step_cost_compiled and bare_loop_compiled: the same with ``torch.compile``;
+8. demo: a short compiled run of the demo recipe with its k-NN monitor and linear evaluation;
+9. loss_scaling: the contrastive loss's time and memory against the batch;
+10. recipe_cost: every paper recipe's own step, timed, as device-hours (docs/reproduce.md's column).
 
 ``OUT/kit.json`` holds every part's status, wall time and headline numbers; ``OUT/kit.md`` the table.
 Exit status 1 if any part failed or timed out (a part skipped for want of time is not a failure).
@@ -36,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
-from benchmarks.common import REPO, markdown_table  # noqa: E402
+from benchmarks.common import REPO, cpu_model, markdown_table  # noqa: E402
 from fasttrain.files import write_json, write_text  # noqa: E402
 
 MIN_PART_SECONDS = 20  # a part is not started with less time than this left
@@ -175,7 +177,8 @@ def environment(out: Path) -> dict:
 
     import torch
 
-    facts = {"python": platform.python_version(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
+    facts = {"python": platform.python_version(), "cpu": cpu_model(), "cpu_count": os.cpu_count(),
+             "torch": torch.__version__,
              "cuda": torch.version.cuda, "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
              "bundle": os.environ.get("BUNDLE") or None}  # benchmarks/gpu_bundle.py: packages from elsewhere
     for name in ("torchvision", "accelerate", "timm", "pydantic", "numba", "opencv-python-headless", "ffcv",
