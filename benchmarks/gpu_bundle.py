@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 CARRY_LIMIT = 64 * 2**20
-COPIED = ("ffcv", "assertpy", "fastargs", "terminaltables", "pytorch-pfn-extras",
+COPIED = ("assertpy", "fastargs", "terminaltables", "pytorch-pfn-extras",  # ffcv's pure-Python needs
           "pydantic", "annotated-types", "typing-inspection", "typing-extensions")
 DOWNLOADED = ("pydantic-core",)  # compiled for one Python version: fetched for the node's
 RUNTIMES = ("linux-vdso", "ld-linux", "libc.so", "libm.so", "libstdc++", "libgcc_s", "libpthread", "libdl.so",
@@ -81,7 +81,7 @@ def build(out: Path, python: str, wheels: bool = True) -> int:
     shutil.rmtree(work, ignore_errors=True)
     site, lib = work / "site", work / "lib"
     bundle_ffcv(site, lib)
-    for name in COPIED[1:]:
+    for name in COPIED:
         copy_distribution(name, site)
     if wheels:
         download_wheels(site, python)
@@ -97,7 +97,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-wheels", action="store_true",
                    help="copy only (pydantic's core left out: for a node that has pydantic, or a check here)")
     args = p.parse_args(argv)
-    for name in COPIED:
+    for name in ("ffcv", *COPIED):
         try:
             importlib.metadata.distribution(name)
         except importlib.metadata.PackageNotFoundError:

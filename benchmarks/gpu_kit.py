@@ -38,7 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
-from benchmarks.common import REPO, cpu_model, markdown_table  # noqa: E402
+from benchmarks.common import REPO, markdown_table  # noqa: E402
+from benchmarks.common import environment as machine  # noqa: E402
 from fasttrain.files import write_json, write_text  # noqa: E402
 
 MIN_PART_SECONDS = 20  # a part is not started with less time than this left
@@ -173,13 +174,9 @@ def run_part(part: Part, deadline: float, logs: Path) -> None:
 
 def environment(out: Path) -> dict:
     import importlib.metadata
-    import platform
-
     import torch
 
-    facts = {"python": platform.python_version(), "cpu": cpu_model(), "cpu_count": os.cpu_count(),
-             "torch": torch.__version__,
-             "cuda": torch.version.cuda, "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    facts = {**machine(), "cuda": torch.version.cuda,
              "bundle": os.environ.get("BUNDLE") or None}  # benchmarks/gpu_bundle.py: packages from elsewhere
     for name in ("torchvision", "accelerate", "timm", "pydantic", "numba", "opencv-python-headless", "ffcv",
                  "nvidia-dali-cuda130", "nvidia-dali-cuda120", "kornia"):

@@ -190,10 +190,9 @@ class ColourJitter(Operation):
     def __init__(self, strengths: Sequence[Optional[tuple]] = ((0.4, 0.4, 0.4, 0.1),), p_jitter: float = 0.8,
                  p_gray: float = 0.2):
         super().__init__()
-        plain = (0.0, 0.0, 0.0, 0.0)
-        self.lo = np.array([[max(0.0, 1 - x) for x in (s or plain)[:3]] + [-(s or plain)[3]] for s in strengths],
-                           np.float32)
-        self.hi = np.array([[1 + x for x in (s or plain)[:3]] + [(s or plain)[3]] for s in strengths], np.float32)
+        rows = [s or (0.0, 0.0, 0.0, 0.0) for s in strengths]  # no strength: factors of 1, hue 0
+        self.lo = np.array([[max(0.0, 1 - x) for x in r[:3]] + [-r[3]] for r in rows], np.float32)
+        self.hi = np.array([[1 + x for x in r[:3]] + [r[3]] for r in rows], np.float32)
         self.p_jitter = np.array([p_jitter if s else 0.0 for s in strengths])
         self.p_gray = np.array([p_gray if s else 0.0 for s in strengths])
 
