@@ -3,6 +3,7 @@
 # pinned torch/torchvision, and the project with its extras (ffcv, dali, dev, wandb, analysis). Safe to run again.
 # FASTTRAIN_VERSIONS=oldest: .venv-oldest instead, with the oldest torch/torchvision/accelerate setup.py
 # supports and no ffcv/dali (what CI tests the lower end with).
+# FASTTRAIN_NEEDS_GIB: the free disk a new environment asks for first (default 9).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,6 +14,15 @@ if [ "${FASTTRAIN_VERSIONS:-newest}" = oldest ]; then
 else
   VENV=.venv; PINS="torch==2.14.1 torchvision==0.29.1"
   EXTRAS=${FASTTRAIN_EXTRAS:-dev,ffcv,dali,wandb,analysis}
+fi
+# a new environment holds torch with its CUDA libraries (.venv 7.2 GiB, .venv-oldest 5.5 GiB) and pip
+# unpacks the downloaded wheels beside it: refuse before anything is installed
+if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
+  free_gib=$(( $(df -Pk . | awk 'NR==2 {print $4}') / 1048576 ))
+  if [ "$free_gib" -lt "${FASTTRAIN_NEEDS_GIB:-9}" ]; then
+    echo "[bootstrap] error: $free_gib GiB free under $PWD; a new $VENV needs about ${FASTTRAIN_NEEDS_GIB:-9} GiB (torch and its CUDA libraries): free some and run again" >&2
+    exit 1
+  fi
 fi
 # build deps of ffcv; the demo's data; real photographs for the loader benchmarks and their test
 APT_PKGS="pkg-config libopencv-dev libturbojpeg0-dev dataset-fashion-mnist lomiri-wallpapers-16.04"

@@ -16,6 +16,16 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 
+def pytest_collection_modifyitems(items):
+    """The longest tests first (``slow(minutes=N)``, plain ``slow`` about half a minute), the order kept
+    otherwise: pytest -n 2 hands tests out in this order, so the two workers end together on short
+    tests instead of one waiting minutes on a long one collected last. Equal weights keep a module's
+    tests together, so its module fixtures (the learning tests' floor) are built once per worker."""
+    def minutes(item):
+        return max((m.kwargs.get("minutes", 0.5) for m in item.iter_markers("slow")), default=0)
+    items.sort(key=minutes, reverse=True)
+
+
 def make_image_folder(root: Path, classes: int = 3, per_class: int = 4, size=(64, 48),
                       corrupt: int = 0, seed: int = 0) -> Path:
     """A tiny ImageFolder of real JPEG files: textured images, one base colour per class.

@@ -1,5 +1,6 @@
-"""Launched by test_run.py with 1 and with 2 processes: the loss and the gradients of one
-training step on the same global batch, written to OUT (by the main process).
+"""Launched by test_run.py with 1 and with 2 processes: for each method of a comma-separated list,
+the loss and the gradients of one training step on the same global batch, written to OUT/<method>.pt
+(by the main process). One launch for every method: the launches, not the steps, take the time.
 
 MixCo mixes within each process (image i with i + B/2 of the process's own batch), so one process
 and two do not make the same mixes; ``mixco`` compares its loss function instead: the same mixes,
@@ -37,7 +38,12 @@ def mixco_loss(accelerator, out: str) -> None:
         torch.save({"loss": loss.item(), "grads": grads}, out)
 
 
-def main(method_name: str, out: str) -> None:
+def main(methods: str, out: str) -> None:
+    for method_name in methods.split(","):
+        step(method_name, str(Path(out) / f"{method_name}.pt"))
+
+
+def step(method_name: str, out: str) -> None:
     model = {"arch": "resnet18", "stem": "cifar"}
     if method_name in ("dsn", "cds"):  # every exit kind of its own, and a term per exit
         model.update(exits=["layer1", "layer2", "layer3"], exit_kind="sepconv", head="none")

@@ -145,7 +145,7 @@ def test_selfcon_steps_lower_the_loss_on_a_fixed_batch():
     assert losses[-1] < 0.8 * losses[0]
 
 
-@pytest.mark.slow
+@pytest.mark.slow(minutes=1.5)
 def test_selfcon_steps_lower_the_loss_under_torch_compile():
     losses = _train_steps(lambda: torch.compile(tiny_model()), steps=6)
     assert losses[-1] < 0.8 * losses[0]

@@ -128,7 +128,7 @@ def train_rows(run_dir: Path) -> list[dict]:
     return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train"]
 
 
-@pytest.mark.slow
+@pytest.mark.slow(minutes=1.5)
 @pytest.mark.parametrize("num_processes", [1, 2])
 def test_sigterm_mid_epoch_then_resume_equals_the_run_never_stopped(tmp_path, data, num_processes):
     settings = dict(schedule={"epochs": 3, "warmup_epochs": 0.5}, train={"precision": "fp32", "batch_size": 4},

@@ -45,7 +45,7 @@ def test_a_broken_backend_fails_the_selftest_naming_it(tmp_path, monkeypatch, ca
     assert "1 of" in printed and "paths failed" in printed
 
 
-@pytest.mark.slow
+@pytest.mark.slow(minutes=1.5)
 def test_the_selftest_runs_across_two_processes(tmp_path):
     from test_run import launch
     out = tmp_path / "selftest.json"

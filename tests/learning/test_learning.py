@@ -73,7 +73,7 @@ DEEP_SUPERVISION = ["model.exits=[layer1,layer2,layer3]", "model.exit_kind=sepco
                     "loss.temperature=0.07"]
 
 
-@pytest.mark.slow
+@pytest.mark.slow(minutes=1)
 @pytest.mark.parametrize("method", ["ce", "supcon", "supcon_s", "selfcon", "selfcon_m", "dsn", "cds", "cds_ssl",
                                     "simclr", "selfcon_su", "selfcon_mu", "mixco"])
 def test_a_short_run_learns_beyond_the_random_floor(fashion, floor, tmp_path, method):

@@ -40,7 +40,7 @@ def test_the_two_dry_run_tests_cover_every_part_of_the_kit():
     assert sorted(p.name for p in plan) == sorted(LOADER_FED + THE_REST)
 
 
-@pytest.mark.slow
+@pytest.mark.slow(minutes=3)
 def test_the_kit_dry_run_runs_its_parts_and_reports_their_numbers(tmp_path):
     out = tmp_path / "kit"
     results = dry_run(out, THE_REST)
@@ -60,7 +60,7 @@ def test_the_kit_dry_run_runs_its_parts_and_reports_their_numbers(tmp_path):
     assert "| selftest | ok |" in (out / "kit.md").read_text()
 
 
-@pytest.mark.slow
+@pytest.mark.slow(minutes=3)
 def test_the_kit_dry_run_feeds_the_trainer_from_every_installed_loader(tmp_path):
     results = dry_run(tmp_path / "kit", LOADER_FED)
     for stage in ("device", "host"):  # the torchvision loader with its colour on either side
