@@ -16,11 +16,19 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 
+def pytest_configure(config):
+    """pytest -n 2 hands a worker its next test when it starts one (xdist's --maxschedchunk 1, unless
+    given): its default, consecutive chunks of a quarter of each worker's share, would give one
+    worker every long test at the head of the order below."""
+    if getattr(config.option, "maxschedchunk", 0) is None:
+        config.option.maxschedchunk = 1
+
+
 def pytest_collection_modifyitems(items):
     """The longest tests first (``slow(minutes=N)``, plain ``slow`` about half a minute), the order kept
-    otherwise: pytest -n 2 hands tests out in this order, so the two workers end together on short
-    tests instead of one waiting minutes on a long one collected last. Equal weights keep a module's
-    tests together, so its module fixtures (the learning tests' floor) are built once per worker."""
+    otherwise: the two workers then end together on short tests instead of one waiting minutes on a
+    long one collected last. Equal weights keep a module's tests together, so its module fixtures (the
+    learning tests' floor) are built once per worker."""
     def minutes(item):
         return max((m.kwargs.get("minutes", 0.5) for m in item.iter_markers("slow")), default=0)
     items.sort(key=minutes, reverse=True)
