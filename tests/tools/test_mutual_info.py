@@ -104,10 +104,20 @@ def tiny_checkpoint(tmp_path):
     recipe = load_recipe(REPO / "recipes" / "demo_selfcon.yaml", [
         f"data.train={data / 'train'}", f"data.val={data / 'val'}", f"run.dir={run}", "data.image_size=8",
         "model.width=8", "model.stem=cifar", "linear_eval.batch_size=16"])
+    torch.manual_seed(0)  # the same untrained encoder whatever ran before in this process
     model = build_model(recipe, get_method("selfcon"), num_classes=None)
     checkpoint.atomic_save({"model": model.state_dict(), "recipe": recipe.model_dump(mode="json"), "method": "selfcon",
                             "arch": "resnet18", "epoch": 0, "updates": 0}, run / checkpoint.CHECKPOINT)
     return run / checkpoint.CHECKPOINT
+
+
+def test_a_unit_constant_on_the_training_pairs_is_zeroed_not_blown_up():
+    from fasttrain.analysis.mutual_info import _standardise
+
+    values = torch.tensor([[1.0, 0.0], [3.0, 0.0], [5.0, 0.0], [7.0, 2.5]])  # unit 1: dead on rows 0-2 only
+    z = _standardise(values, torch.tensor([0, 1, 2]))
+    assert torch.equal(z[:, 1], torch.zeros(4))  # not 2.5 / 1e-6
+    assert torch.allclose(z[:3, 0], torch.tensor([-1.0, 0.0, 1.0])) and z[3, 0] == 2
 
 
 def test_cli_on_a_checkpoint_writes_json_table_and_plot(tmp_path, capsys):
@@ -120,6 +130,8 @@ def test_cli_on_a_checkpoint_writes_json_table_and_plot(tmp_path, capsys):
     assert [r["estimator"] for r in report["results"]] == list(ESTIMATORS)
     for row in report["results"]:
         assert math.isfinite(row["estimate"]) and row["exit"] == "layer2" and row["checkpoint"] == str(ckpt)
+        assert row["estimate"] > -1, row  # a lower bound of MI >= 0 on 9 held-out pairs, not -1e3 nats
+        assert row["estimator"] != "infonce" or row["estimate"] <= math.log(8) + 1e-6
         assert row["heldout_pairs"] == 9  # 20% of 48
         assert row["bound"] == (pytest.approx(math.log(8)) if row["estimator"] == "infonce" else None)
     table = (out / "mutual_info.md").read_text()
