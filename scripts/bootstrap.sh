@@ -17,10 +17,11 @@ else
 fi
 # a new environment holds torch with its CUDA libraries (.venv 7.2 GiB, .venv-oldest 5.5 GiB) and pip
 # unpacks the downloaded wheels beside it: refuse before anything is installed
+NEEDS_GIB=${FASTTRAIN_NEEDS_GIB:-9}
 if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
   free_gib=$(( $(df -Pk . | awk 'NR==2 {print $4}') / 1048576 ))
-  if [ "$free_gib" -lt "${FASTTRAIN_NEEDS_GIB:-9}" ]; then
-    echo "[bootstrap] error: $free_gib GiB free under $PWD; a new $VENV needs about ${FASTTRAIN_NEEDS_GIB:-9} GiB (torch and its CUDA libraries): free some and run again" >&2
+  if [ "$free_gib" -lt "$NEEDS_GIB" ]; then
+    echo "[bootstrap] error: $free_gib GiB free under $PWD; a new $VENV needs about $NEEDS_GIB GiB (torch and its CUDA libraries): free some and run again" >&2
     exit 1
   fi
 fi
